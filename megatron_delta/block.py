@@ -1,0 +1,120 @@
+"""DeltaTransformerBlock: a TransformerBlock whose layers pass a DepthState instead of a tensor.
+
+Megatron's block is reused for building (layer numbering with pipeline offsets, final norm,
+sharded_state_dict); forward is ours because the thing that flows from layer to layer is the
+residual stream *plus* its sources:
+
+    first stage:  state = start(embedding)        later stages: state = unpack(input_tensor)
+    for layer:    state = layer(state)            (optionally under full activation recompute)
+    last stage:   Norm(x), or for replacement variants Norm(route(sources))   (Kimi's final AttnRes)
+    other stages: pack(state)  -> one [slots * s, b, h] tensor for Megatron's p2p
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+from megatron.core import tensor_parallel
+from megatron.core.enums import Fp8Recipe
+from megatron.core.fp8_utils import get_fp8_context
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.utils import make_viewless_tensor
+
+from megatron_delta import transport
+from megatron_delta.routing import DepthRouter
+from megatron_delta.state import DepthState, layout_before_layer
+
+
+class DeltaTransformerBlock(TransformerBlock):
+    def __init__(self, config, spec, delta, post_layer_norm=True, pre_process=True, post_process=True,
+                 pg_collection=None, vp_stage=None):
+        super().__init__(config, spec, post_layer_norm=post_layer_norm, pre_process=pre_process,
+                         post_process=post_process, pg_collection=pg_collection, vp_stage=vp_stage)
+        self.delta = delta
+        self.pipeline_slots = transport.pipeline_slots(delta, config)
+        first_layer = self.layers[0].layer_number - 1 if len(self.layers) else 0
+        self.input_layout = layout_before_layer(delta, config.num_layers, first_layer)
+        # Replacement routing has no residual stream: the last stage routes once more over all
+        # sources to form the final hidden state. Lives next to the final norm it feeds.
+        self.final_router = (
+            DepthRouter(config, delta, "final")
+            if self.final_layernorm is not None and not delta.additive else None
+        )
+
+    def forward(self, hidden_states, attention_mask, context=None, context_mask=None, rotary_pos_emb=None,
+                rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
+                inference_context=None, packed_seq_params=None, sequence_len_offset=None,
+                padding_mask=None, **unsupported):
+        if inference_context is not None or context is not None or unsupported.get("inference_params"):
+            raise NotImplementedError(
+                "DeltaGPTModel supports training and full-sequence evaluation; KV-cache inference and "
+                "cross-attention are not implemented for routed models"
+            )
+        if self.pre_process:
+            embedding = make_viewless_tensor(hidden_states, requires_grad=True, keep_graph=True)
+            state = DepthState.start(self.delta, embedding)
+        else:
+            state = transport.unpack(self.input_tensor, self.delta, self.input_layout, self.pipeline_slots)
+
+        layer_kwargs = dict(
+            attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos,
+            rotary_pos_sin=rotary_pos_sin, attention_bias=attention_bias,
+            packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset,
+            padding_mask=padding_mask,
+        )
+        rng_context = (
+            tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else nullcontext()
+        )
+        delayed_fp8 = self.config.fp8 and self.config.fp8_recipe == Fp8Recipe.delayed
+        with rng_context, (get_fp8_context(self.config) if delayed_fp8 else nullcontext()):
+            for start, end, recompute in self._layer_groups():
+                if recompute:
+                    state = self._checkpointed(start, end, state, layer_kwargs)
+                else:
+                    state = self._run_layers(start, end, state, layer_kwargs)
+
+        if self.final_layernorm is None:
+            return transport.pack(state, self.pipeline_slots, self.config.pipeline_dtype or state.sources[0].dtype)
+        final = state.hidden if self.delta.additive else self.final_router(state.sources)
+        return make_viewless_tensor(self.final_layernorm(final), requires_grad=True, keep_graph=True)
+
+    def _run_layers(self, start, end, state, layer_kwargs):
+        per_layer_fp8 = self.config.fp8 and self.config.fp8_recipe != Fp8Recipe.delayed
+        for layer in self.layers[start:end]:
+            with get_fp8_context(self.config, layer.layer_number - 1) if per_layer_fp8 else nullcontext():
+                state = layer(state, **layer_kwargs)
+        return state
+
+    def _layer_groups(self):
+        """(start, end, recompute) ranges of local layers, following Megatron's full-recompute
+        methods: 'uniform' checkpoints every group of recompute_num_layers, 'block' checkpoints
+        the first recompute_num_layers layers one by one."""
+        n = len(self.layers)
+        if not (self.config.recompute_granularity == "full" and self.training):
+            return [(0, n, False)]
+        k = self.config.recompute_num_layers
+        if self.config.recompute_method == "uniform":
+            return [(i, min(i + k, n), True) for i in range(0, n, k)]
+        return [(i, i + 1, i < k) for i in range(n)]
+
+    def _checkpointed(self, start, end, state, layer_kwargs):
+        """Run layers [start, end) under reentrant activation checkpointing.
+
+        The checkpoint function sees only tensors, so the state goes in flat and only what the
+        layers created comes out (unchanged inputs are re-attached outside)."""
+        layout, old_sources = state.layout, state.sources
+
+        def run(*tensors):
+            out = self._run_layers(start, end, DepthState.from_tensors(self.delta, layout, tensors), layer_kwargs)
+            return (out.hidden, out.partial, *out.sources[len(old_sources):])
+
+        if self.config.fp8:
+            from megatron.core.extensions.transformer_engine import te_checkpoint
+
+            outputs = te_checkpoint(run, self.config.distribute_saved_activations,
+                                    tensor_parallel.random.get_cuda_rng_tracker, self.pg_collection.tp,
+                                    *state.tensors())
+        else:
+            outputs = tensor_parallel.checkpoint(run, self.config.distribute_saved_activations, *state.tensors())
+        hidden, partial, *new_sources = outputs
+        return DepthState(self.delta, hidden, old_sources + new_sources, partial)

@@ -1,0 +1,95 @@
+"""DepthState: what flows through the depth of a routed model, sublayer to sublayer.
+
+    hidden   x, the ordinary residual stream (additive variants); None for replacement variants
+    sources  completed sources the next sublayer routes over, starting with x_0 (the embedding)
+    partial  block variants: the sum of the current block's sublayer outputs so far (None at a
+             block start)
+
+Bookkeeping per variant, after a sublayer produced its output (delta) v:
+
+    delta, attnres_full        sources += [v]
+    delta_block, attnres_block partial += v; at the end of block b: sources += [partial], i.e.
+                               D_b = sum of that block's v (never partial - sources[-1])
+    additive variants          hidden += v
+
+A sublayer routes over `sources`, plus, for attnres_block, the current partial block (Kimi's
+intra-block term).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from torch import Tensor
+
+from megatron_delta.config import DeltaResidualConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """Which tensors a DepthState holds at a given depth (the same on every rank)."""
+
+    has_hidden: bool
+    has_partial: bool
+    num_sources: int
+
+    @property
+    def num_tensors(self) -> int:
+        return int(self.has_hidden) + int(self.has_partial) + self.num_sources
+
+
+def layout_before_layer(delta: DeltaResidualConfig, num_layers: int, layer_index: int) -> StateLayout:
+    """Layout of the state entering the layer with 0-based global index `layer_index`."""
+    if delta.uses_blocks:
+        per_block = delta.layers_per_block(num_layers)
+        completed_blocks = layer_index // per_block
+        return StateLayout(delta.additive, layer_index % per_block != 0, 1 + completed_blocks)
+    return StateLayout(delta.additive, False, 1 + 2 * layer_index)
+
+
+@dataclasses.dataclass
+class DepthState:
+    delta: DeltaResidualConfig
+    hidden: Optional[Tensor]
+    sources: list
+    partial: Optional[Tensor] = None
+
+    @classmethod
+    def start(cls, delta: DeltaResidualConfig, embedding: Tensor) -> "DepthState":
+        return cls(delta, embedding if delta.additive else None, [embedding])
+
+    @property
+    def layout(self) -> StateLayout:
+        return StateLayout(self.hidden is not None, self.partial is not None, len(self.sources))
+
+    def route_sources(self) -> list:
+        if self.delta.variant == "attnres_block" and self.partial is not None:
+            return self.sources + [self.partial]
+        return self.sources
+
+    def sublayer_input(self, routed: Tensor) -> Tensor:
+        """h = x + r (additive) or h = r (replacement)."""
+        return self.hidden + routed if self.delta.additive else routed
+
+    def add_output(self, v: Tensor) -> "DepthState":
+        hidden = self.hidden + v if self.delta.additive else None
+        if self.delta.uses_blocks:
+            partial = v if self.partial is None else self.partial + v
+            return DepthState(self.delta, hidden, self.sources, partial)
+        return DepthState(self.delta, hidden, self.sources + [v])
+
+    def close_block(self) -> "DepthState":
+        return DepthState(self.delta, self.hidden, self.sources + [self.partial])
+
+    # Flat tensor form, for reentrant activation checkpointing and pipeline packing.
+    def tensors(self) -> list:
+        return [t for t in (self.hidden, self.partial) if t is not None] + self.sources
+
+    @classmethod
+    def from_tensors(cls, delta, layout: StateLayout, tensors) -> "DepthState":
+        tensors = list(tensors)
+        hidden = tensors.pop(0) if layout.has_hidden else None
+        partial = tensors.pop(0) if layout.has_partial else None
+        assert len(tensors) == layout.num_sources, (len(tensors), layout)
+        return cls(delta, hidden, tensors, partial)

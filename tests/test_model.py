@@ -1,0 +1,282 @@
+"""Single-process tests of the routed model: math, identity, parameter count, dtypes, errors.
+
+Parallel meshes are covered in tests/parallel/ (real processes over gloo)."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_delta import cpu_shim
+
+cpu_shim.install()
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+
+from megatron_delta import (  # noqa: E402
+    DeltaConfigError,
+    DeltaGPTModel,
+    DeltaResidualConfig,
+    collect_routing_stats,
+    get_gpt_delta_layer_spec,
+)
+from megatron_delta.layer import DeltaTransformerLayer  # noqa: E402
+from megatron_delta.routing import DepthRoute, route  # noqa: E402
+
+VOCAB, SEQ, BATCH = 128, 16, 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_process_world():
+    torch.set_num_threads(1)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    yield
+    parallel_state.destroy_model_parallel()
+
+
+def transformer_config(**overrides):
+    kwargs = dict(
+        num_layers=4, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
+        hidden_dropout=0.0, attention_dropout=0.0, normalization="RMSNorm", add_bias_linear=False,
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+        params_dtype=torch.float32, pipeline_dtype=torch.float32,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build(delta, config=None, seed=0, cls=DeltaGPTModel):
+    config = config or transformer_config()
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    spec = get_gpt_delta_layer_spec(delta, normalization="RMSNorm")
+    kwargs = dict(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+                  position_embedding_type="rope")
+    return cls(delta=delta, **kwargs) if cls is DeltaGPTModel else cls(**kwargs)
+
+
+def batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    position_ids = torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1)
+    return tokens, position_ids
+
+
+# ---------------------------------------------------------------- routing math
+
+def naive_route(sources, query, norm_weight, eps):
+    """The method's definition, written the obvious way (stacked, normalised keys)."""
+    stacked = torch.stack(sources).double()
+    keys = stacked * torch.rsqrt(stacked.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
+    alpha = torch.softmax(keys @ query.double(), dim=0)
+    return (alpha.unsqueeze(-1) * stacked).sum(0), alpha
+
+
+def test_route_matches_definition_and_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    sources = [torch.randn(3, 2, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    query = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
+    norm_weight = (1 + 0.1 * torch.randn(8, generator=g, dtype=torch.float64)).requires_grad_()
+    routed, alpha = route(sources, query, norm_weight, 1e-6)
+    expected, expected_alpha = naive_route(sources, query, norm_weight, 1e-6)
+    torch.testing.assert_close(routed, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(alpha, expected_alpha, rtol=1e-12, atol=1e-12)
+    weight = (query * norm_weight).detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda w, *s: DepthRoute.apply(w, 1e-6, *s)[0], (weight, *sources))
+
+
+def test_route_softmax_is_fp32_for_bf16_sources():
+    g = torch.Generator().manual_seed(0)
+    sources32 = [torch.randn(5, 1, 64, generator=g) * (i + 1) for i in range(6)]
+    query, norm_weight = torch.randn(64, generator=g) * 0.5, torch.ones(64)
+    routed, alpha = route([s.bfloat16() for s in sources32], query.bfloat16(), norm_weight.bfloat16(), 1e-6)
+    assert alpha.dtype == torch.float32 and routed.dtype == torch.bfloat16
+    # Same bf16 inputs routed in fp64: only the final bf16 rounding of the output may differ.
+    expected, expected_alpha = naive_route([s.bfloat16().double() for s in sources32],
+                                           query.bfloat16(), norm_weight, 1e-6)
+    torch.testing.assert_close(alpha.double(), expected_alpha, rtol=0, atol=1e-6)
+    torch.testing.assert_close(routed.double(), expected, rtol=8e-3, atol=1e-2)
+
+
+# ---------------------------------------------------------------- model structure
+
+def test_routing_parameter_count_at_7b_shape():
+    """hidden 4096 x 36 layers: 36 * 4 * 4096 = 589,824 extra parameters (built on meta)."""
+    config = transformer_config(num_layers=36, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+                                ffn_hidden_size=12288, perform_initialization=False)
+
+    def count(variant):
+        with torch.device("meta"):
+            model = build(DeltaResidualConfig(variant=variant, num_blocks=4), config)
+        return sum(p.numel() for p in model.parameters())
+
+    assert count("delta_block") - count("standard") == 589_824
+    assert count("delta") - count("standard") == 589_824
+
+
+def block_outputs_and_sources(variant):
+    """Run a 4-layer, 2-block model and capture each sublayer's output and each layer's state."""
+    model = build(DeltaResidualConfig(variant=variant, num_blocks=2))
+    outputs, states = [], []
+    for layer in model.decoder.layers:
+        layer.self_attention.register_forward_hook(lambda m, a, out: outputs.append(out[0].detach()))
+        layer.mlp.register_forward_hook(lambda m, a, out: outputs.append(out[0].detach()))
+        layer.register_forward_hook(lambda m, a, state: states.append(state))
+    tokens, position_ids = batch()
+    model(tokens, position_ids, None)
+    return outputs, states
+
+
+def test_delta_block_sources_are_block_sums_of_sublayer_outputs():
+    outputs, states = block_outputs_and_sources("delta_block")
+    x0 = states[0].sources[0]
+    # Block 0 = layers 1-2 = sublayer outputs 0..3; block 1 = outputs 4..7.
+    d0, d1 = sum(outputs[0:4]), sum(outputs[4:8])
+    after_block0, after_block1 = states[1].sources, states[3].sources
+    assert len(after_block0) == 2 and len(after_block1) == 3
+    assert after_block1[0] is x0
+    torch.testing.assert_close(after_block0[1], d0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(after_block1[2], d1, rtol=1e-6, atol=1e-6)
+    # The reference code's defect would give x_0 + D_1 here.
+    assert (after_block1[2] - d1).abs().max() < 1e-5 < (after_block1[2] - (x0 + d1)).abs().max()
+    # Inside a block the sources are fixed: layer 1 (first of block 0) closes nothing.
+    assert len(states[0].sources) == 1 and states[0].partial is not None
+    # The residual stream is kept: x = x_0 + all sublayer outputs.
+    torch.testing.assert_close(states[3].hidden, x0 + sum(outputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["delta", "attnres_full"])
+def test_per_sublayer_sources_are_the_sublayer_outputs(variant):
+    outputs, states = block_outputs_and_sources(variant)
+    final = states[-1].sources
+    assert len(final) == 1 + 8
+    for source, output in zip(final[1:], outputs):
+        torch.testing.assert_close(source, output, rtol=0, atol=0)
+    assert (states[-1].hidden is None) == (variant == "attnres_full")
+
+
+def test_attnres_block_routes_over_blocks_and_partial_and_replaces_stream():
+    outputs, states = block_outputs_and_sources("attnres_block")
+    assert states[-1].hidden is None
+    torch.testing.assert_close(states[1].sources[1], sum(outputs[0:4]), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(states[3].sources[2], sum(outputs[4:8]), rtol=1e-6, atol=1e-6)
+
+
+def test_router_parameters_live_in_layers_and_final_router_only_for_replacement():
+    for variant, has_final in [("delta_block", False), ("attnres_block", True), ("attnres_full", True)]:
+        model = build(DeltaResidualConfig(variant=variant, num_blocks=2))
+        names = [n for n, _ in model.named_parameters() if "router" in n]
+        assert all(n.startswith("decoder.layers.") or n.startswith("decoder.final_router.") for n in names)
+        assert any(n.startswith("decoder.final_router.") for n in names) == has_final
+        assert all(isinstance(layer, DeltaTransformerLayer) for layer in model.decoder.layers)
+
+
+# ---------------------------------------------------------------- identity and standard
+
+def test_standard_variant_is_bit_identical_to_gpt_model():
+    tokens, position_ids = batch()
+    delta = DeltaResidualConfig(variant="standard")
+    ours, plain = build(delta), build(delta, cls=GPTModel)
+    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), plain.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    out_ours = ours(tokens, position_ids, None, labels=tokens)
+    out_plain = plain(tokens, position_ids, None, labels=tokens)
+    assert torch.equal(out_ours, out_plain)
+    out_ours.sum().backward()
+    out_plain.sum().backward()
+    for p1, p2 in zip(ours.parameters(), plain.parameters()):
+        assert torch.equal(p1.grad, p2.grad)
+
+
+@pytest.mark.parametrize("variant", ["delta", "delta_block"])
+def test_identity_init_equals_standard_model_and_routing_learns(variant):
+    tokens, position_ids = batch()
+    model = build(DeltaResidualConfig(variant=variant, num_blocks=2, init="identity"), seed=3)
+    plain = build(DeltaResidualConfig(variant="standard"), cls=GPTModel)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all("router" in k for k in unexpected)
+    logits, plain_logits = model(tokens, position_ids, None), plain(tokens, position_ids, None)
+    assert (logits - plain_logits).abs().max().item() < 1e-5
+    assert (logits - plain_logits).abs().max().item() == 0.0  # gate 0: exactly x + 0
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    router_grads = []
+    for _ in range(2):
+        optimizer.zero_grad()
+        with collect_routing_stats(model) as stats:
+            model(tokens, position_ids, None, labels=tokens).mean().backward()
+        router_grads.append({n: p.grad.abs().max().item() for n, p in model.named_parameters() if "router" in n})
+        optimizer.step()
+    sources = {label: s["num_sources"] for label, s in stats.summary().items()}
+    # Step 1: only the gates see a gradient (the routed term is multiplied by 0) ...
+    assert all((v > 0) == n.endswith(".gate") for n, v in router_grads[0].items())
+    # ... step 2: every routing parameter does, except query/key-norm of sublayers that route over
+    # a single source (x_0 at the start of the model): their softmax is constant.
+    for name, value in router_grads[1].items():
+        layer, sublayer = name.split(".")[2], name.split(".")[3].removesuffix("_router")
+        single_source = sources[f"layer_{int(layer) + 1:02d}.{sublayer}"] == 1
+        assert (value > 0) == (name.endswith(".gate") or not single_source), name
+
+
+def test_routing_stats_report_sharpness_per_sublayer():
+    model = build(DeltaResidualConfig(variant="delta", num_blocks=2))
+    tokens, position_ids = batch()
+    with collect_routing_stats(model) as stats:
+        model(tokens, position_ids, None)
+    summary = stats.summary()
+    assert len(summary) == 8
+    last = summary["layer_04.mlp"]
+    assert last["num_sources"] == 8 and abs(sum(last["mean_weight"]) - 1) < 1e-5
+    assert 1 / 8 <= last["max_weight"] <= 1 and 0 <= last["entropy"] <= torch.log(torch.tensor(8.0)).item()
+    assert summary["layer_01.attention"]["max_weight"] == 1.0
+
+
+# ---------------------------------------------------------------- bad configs fail early
+
+@pytest.mark.parametrize("kwargs, config_overrides, message", [
+    (dict(variant="deltaa"), {}, "delta.variant='deltaa' is unknown"),
+    (dict(variant="delta_block", num_blocks=0), {}, "delta.num_blocks=0 must be an integer >= 1"),
+    (dict(variant="delta_block", num_blocks=5), {}, "delta.num_blocks=5 exceeds model.num_layers=4"),
+    (dict(variant="delta_block", num_blocks=3), dict(num_layers=4),
+     "gives blocks of 2 layers and only 2 blocks"),
+    (dict(variant="attnres_block", init="identity"), {}, "delta.init='identity' needs an additive variant"),
+    (dict(variant="delta", init="zero"), {}, "delta.init='zero' is unknown"),
+    (dict(variant="delta"), dict(pipeline_model_parallel_size=3, pipeline_dtype=torch.float32),
+     "model.num_layers=4 is not divisible by pipeline stages x virtual stages = 3 x 1"),
+    (dict(variant="delta"), dict(mtp_num_layers=1), "mtp_num_layers is set: multi-token prediction"),
+    (dict(variant="delta"), dict(num_moe_experts=2), "num_moe_experts is set"),
+    (dict(variant="delta"), dict(cuda_graph_impl="local"), "cuda_graph_impl is set"),
+    (dict(variant="delta"), dict(recompute_granularity="selective", recompute_modules=["layernorm"]),
+     "recompute_modules=['layernorm'] is not supported"),
+])
+def test_bad_configs_fail_early_with_the_field_named(kwargs, config_overrides, message):
+    with pytest.raises(DeltaConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        delta = DeltaResidualConfig(**kwargs)
+        delta.validate_for(transformer_config(**config_overrides))
+
+
+def test_transformer_engine_and_fp8_without_te_are_clear_errors():
+    delta = DeltaResidualConfig(variant="delta_block", num_blocks=2)
+    with pytest.raises(DeltaConfigError, match="needs NVIDIA Transformer Engine, which is not installed"):
+        get_gpt_delta_layer_spec(delta, backend="transformer_engine")
+    with pytest.raises(DeltaConfigError, match="backend='cuda' is unknown"):
+        get_gpt_delta_layer_spec(delta, backend="cuda")
+    config = transformer_config(fp8="hybrid")
+    with pytest.raises(DeltaConfigError, match="fp8='hybrid' needs NVIDIA Transformer Engine"):
+        build(delta, config)
+
+
+def test_routed_variant_with_a_plain_layer_spec_is_rejected():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    with pytest.raises(DeltaConfigError, match="needs the layer spec from get_gpt_delta_layer_spec"):
+        DeltaGPTModel(config=transformer_config(), delta=DeltaResidualConfig(variant="delta"),
+                      transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=VOCAB, max_sequence_length=SEQ)
