@@ -1,16 +1,25 @@
-"""megatron-delta: Delta Attention Residuals for Megatron-Core GPT models."""
+"""megatron-delta: Delta Attention Residuals for Megatron-Core GPT models.
 
-from megatron_delta.config import DeltaConfigError, DeltaResidualConfig
-from megatron_delta.model import DeltaGPTModel, get_gpt_delta_layer_spec
-from megatron_delta.routing import collect_routing_stats
-from megatron_delta.transport import boundary_bytes, pipeline_seq_length
+Public names are imported lazily so that light commands (`megatron-delta preprocess`, `plan`)
+do not pay for importing the model stack.
+"""
 
-__all__ = [
-    "DeltaConfigError",
-    "DeltaResidualConfig",
-    "DeltaGPTModel",
-    "get_gpt_delta_layer_spec",
-    "collect_routing_stats",
-    "boundary_bytes",
-    "pipeline_seq_length",
-]
+import importlib
+
+_EXPORTS = {
+    "DeltaConfigError": "megatron_delta.config",
+    "DeltaResidualConfig": "megatron_delta.config",
+    "DeltaGPTModel": "megatron_delta.model",
+    "get_gpt_delta_layer_spec": "megatron_delta.model",
+    "collect_routing_stats": "megatron_delta.routing",
+    "boundary_bytes": "megatron_delta.transport",
+    "pipeline_seq_length": "megatron_delta.transport",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'megatron_delta' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
