@@ -55,6 +55,10 @@ class DeltaTransformerBlock(TransformerBlock):
             state = DepthState.start(self.delta, embedding)
         else:
             state = transport.unpack(self.input_tensor, self.delta, self.input_layout, self.pipeline_slots)
+            # GPTModel sized the rotary table from the packed input ([slots * s, b, h]); positions
+            # 0..s-1 are its first s rows.
+            if rotary_pos_emb is not None:
+                rotary_pos_emb = rotary_pos_emb[: rotary_pos_emb.shape[0] // self.pipeline_slots]
 
         layer_kwargs = dict(
             attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos,

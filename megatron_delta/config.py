@@ -135,6 +135,11 @@ class DeltaResidualConfig:
                 f"model.num_layers={num_layers} is not divisible by pipeline stages x virtual stages "
                 f"= {pp} x {vpp}; choose a layer count that is"
             )
+        if cfg.context_parallel_size > 1:
+            raise DeltaConfigError(
+                f"context_parallel_size={cfg.context_parallel_size}: context parallelism does not compose "
+                "with delta routing in this version (the pipeline pack would be split across CP ranks); use 1"
+            )
         unsupported = {
             "mtp_num_layers": "multi-token prediction (MTP)",
             "num_moe_experts": "mixture-of-experts layers",

@@ -252,6 +252,7 @@ def test_routing_stats_report_sharpness_per_sublayer():
     (dict(variant="delta"), dict(pipeline_model_parallel_size=3, pipeline_dtype=torch.float32),
      "model.num_layers=4 is not divisible by pipeline stages x virtual stages = 3 x 1"),
     (dict(variant="delta"), dict(mtp_num_layers=1), "mtp_num_layers is set: multi-token prediction"),
+    (dict(variant="delta_block"), dict(context_parallel_size=2), "context_parallel_size=2: context parallelism"),
     (dict(variant="delta"), dict(num_moe_experts=2), "num_moe_experts is set"),
     (dict(variant="delta"), dict(cuda_graph_impl="local"), "cuda_graph_impl is set"),
     (dict(variant="delta"), dict(recompute_granularity="selective", recompute_modules=["layernorm"]),
