@@ -1,0 +1,1 @@
+"""Test harness for slurm/: a real local SLURM cluster (cluster.py)."""
