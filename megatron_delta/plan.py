@@ -1,0 +1,637 @@
+"""`megatron-delta plan --config RUN.yaml --nodes N --gpus-per-node G [--gpu-memory-gb 80]`
+
+What one GPU of every pipeline stage holds, before a job is launched: parameters, weights, gradients,
+optimizer state, activations and pipeline traffic, and whether that fits the GPU. TP and DP ranks of a
+stage hold the same amounts, so there is one row per pipeline rank.
+
+Exact (counted on real Megatron models):
+    parameters     each pipeline rank's model chunks are built as `megatron-delta train` builds them,
+                   on the meta device (no memory), in a one-process torch.distributed world of the
+                   "fake" backend whose ranks say "tensor-parallel rank 0 of pipeline rank r": Megatron
+                   shards every layer for the real TP size and builds the real layers of that stage.
+    sends          transport.boundary_bytes: the packed DepthState a stage sends per micro-batch (and
+                   the gradient of the same size it receives back).
+
+Estimated (per micro-batch, the tensors autograd keeps for backward, counted tensor by tensor as in
+Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", for this
+layer: GQA attention, SwiGLU/GeLU MLP, RMSNorm, RoPE, TP/SP sharding), plus what routing adds:
+    routing        per routed sublayer the per-token scalars of K sources (DepthRoute on CPU: dot,
+                   inverse RMS, weights = 3K fp32 values per token; the fused GPU kernel: logits and
+                   inverse RMS, 2K + 1) and the q*g product; the routed term when an identity gate
+                   multiplies it.
+    sources        every source a sublayer of the stage routes over stays alive until backward: x_0
+                   and the block deltas (delta_block), every sublayer output (delta, attnres_full), the
+                   partial block sums (attnres_block). Found by running DepthState's own bookkeeping
+                   over the stage's layers, so sources shared by several sublayers count once.
+    pipeline input the received [slots * s, b, h] message: its sources are views of it, so the whole
+                   message is kept until the stage's backward.
+For the local backend (torch ops, as on CPU) the sum agrees to the byte with the saved-tensor bytes
+of real runs (tests/test_plan.py: TP2+SP, recompute, PP2 for four variants, PP2 x VPP2); the
+transformer_engine terms follow what TE's fused LayerNorm-linear and flash attention keep (input,
+normalised input, inverse RMS; q, k, v, output, log-sum-exp) and cannot be measured without a GPU.
+
+Micro-batches in flight: a stage holds the activations of every micro-batch whose forward has run and
+whose backward has not. This is simulated with Megatron's own schedule tables: 1F1B holds min(pp - r, M)
+micro-batches on pipeline rank r; the interleaved schedule holds (pp - r - 1) * 2 + (vpp - 1) * group + 1
+model-chunk micro-batches (each 1/vpp of a stage), i.e. more.
+
+Bytes per parameter, as `megatron-delta train` keeps them: bf16/fp16 weights (2), fp32 main gradients
+(4, DDP grad_reduce_in_fp32), fp32 master weights + Adam exp_avg + exp_avg_sq (12), the last sharded
+over data-parallel ranks by the distributed optimizer. fp32 runs: 4 + 4 + 8.
+
+Not modelled (covered by --reserve-gb): CUDA context, NCCL and cuBLAS workspaces, allocator
+fragmentation, DDP bucket padding, gradients of activations during backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+
+import torch
+
+from megatron_delta.config import DeltaConfigError
+from megatron_delta.data import DataError, build_tokenizer
+from megatron_delta.run_config import (
+    RunConfig,
+    RunConfigError,
+    build_transformer_config,
+    load_run_config,
+    padded_vocab_size,
+)
+
+GiB = 2**30
+FP32 = 4
+
+
+@dataclasses.dataclass
+class StagePlan:
+    """One pipeline rank (any of its TP / DP ranks). Bytes unless named otherwise."""
+
+    pp_rank: int
+    layers: list  # [(first, last)] 1-based global layer numbers, one pair per model chunk
+    params: int
+    routing_params: int
+    weight_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_parts: dict  # per micro-batch, summed over the rank's chunks: part -> bytes
+    activation_bytes_per_microbatch: int
+    microbatches_in_flight: int  # model-chunk micro-batches at the peak
+    activation_bytes: int  # at the peak of the schedule
+    transient_bytes: int  # one-off buffers on top of the held activations (see _transient_bytes)
+    send_bytes_per_microbatch: int  # forward message to the next stage (0 on the last)
+    total_bytes: int
+    fits: bool
+
+
+@dataclasses.dataclass
+class Plan:
+    config_path: str
+    nodes: int
+    gpus_per_node: int
+    tp: int
+    pp: int
+    vpp: int | None
+    dp: int
+    sequence_parallel: bool
+    distributed_optimizer: bool
+    num_microbatches: int
+    micro_batch_size: int
+    seq_length: int
+    precision: str
+    backend: str
+    variant: str
+    vocab_size: int
+    total_params: int
+    routing_params: int
+    gpu_memory_bytes: int
+    reserve_bytes: int
+    stages: list
+    boundaries: list  # transport.boundary_bytes
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a pipeline rank's chunks on the meta device
+
+
+@contextlib.contextmanager
+def _as_pipeline_rank(config, pp_rank: int):
+    """A one-process torch.distributed world ("fake" backend: groups of the real sizes, no
+    communication) in which this process is TP rank 0 of pipeline rank `pp_rank`, with Megatron's
+    parallel_state initialised on it. Data parallelism does not change a model, so the world is
+    TP x PP."""
+    from megatron.core import parallel_state
+
+    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+    if torch.distributed.is_initialized():
+        raise RuntimeError("megatron-delta plan builds its own one-process world; run it in a fresh process "
+                           "(torch.distributed is already initialised here)")
+    torch.distributed.init_process_group("fake", rank=pp_rank * tp, world_size=tp * pp)
+    try:
+        parallel_state.initialize_model_parallel(
+            tp, pp, config.virtual_pipeline_model_parallel_size, create_gloo_process_groups=False
+        )
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+
+
+def _build_chunks(cfg: RunConfig, config, vocab_size: int) -> list:
+    """This pipeline rank's DeltaGPTModel chunks as `megatron-delta train` builds them, on meta.
+
+    Always the local layer spec: the transformer_engine spec has the same parameters (TE fuses the
+    pre-norm weight into the following linear) and needs TE, which a planning host may not have."""
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from megatron_delta.model import DeltaGPTModel, get_gpt_delta_layer_spec
+
+    m = cfg.model
+    spec = get_gpt_delta_layer_spec(cfg.delta, backend="local", qk_layernorm=m.qk_layernorm,
+                                    normalization=m.normalization)
+    # The embedding group exists only to all-reduce the tied output weight at construction (and its
+    # gradient later), which a meta tensor cannot take part in; nothing it does changes a count.
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    groups.embd = None
+    vpp = config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        with torch.device("meta"):
+            chunks.append(DeltaGPTModel(
+                config=config, delta=cfg.delta, transformer_layer_spec=spec, vocab_size=vocab_size,
+                max_sequence_length=m.max_position_embeddings or m.seq_length,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                parallel_output=True, share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+                position_embedding_type=m.position_embedding_type, rotary_base=m.rotary_base,
+                vp_stage=stage, pg_collection=groups,
+            ))
+    return chunks
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations held for backward, per micro-batch
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shapes:
+    """Sizes on one TP rank for one micro-batch."""
+
+    seq: int  # sequence length on this rank (divided by context parallelism)
+    batch: int
+    tokens: int  # seq * batch: tokens inside the tensor-parallel region (attention, MLP)
+    sp_tokens: int  # tokens of the residual stream on this rank (tokens / tp under SP)
+    hidden: int
+    heads: int  # attention heads on this rank
+    groups: int  # query groups (K/V heads) on this rank
+    head_dim: int
+    ffn: int  # MLP width on this rank
+    vocab: int  # vocabulary rows on this rank
+    elem: int  # bytes of an activation (params_dtype)
+    pipe_elem: int  # bytes of a pipeline message element
+
+    @classmethod
+    def of(cls, config, seq_length: int, micro_batch_size: int, vocab_size: int):
+        tp = config.tensor_model_parallel_size
+        seq = seq_length // config.context_parallel_size
+        tokens = seq * micro_batch_size
+        return cls(
+            seq=seq, batch=micro_batch_size, tokens=tokens,
+            sp_tokens=tokens // tp if config.sequence_parallel else tokens,
+            hidden=config.hidden_size, heads=config.num_attention_heads // tp,
+            groups=(config.num_query_groups or config.num_attention_heads) // tp,
+            head_dim=config.kv_channels, ffn=config.ffn_hidden_size // tp, vocab=vocab_size // tp,
+            elem=_bytes(config.params_dtype), pipe_elem=_bytes(config.pipeline_dtype or config.params_dtype),
+        )
+
+
+def _bytes(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class ActivationModel:
+    """Bytes autograd keeps per micro-batch, term by term. `backend` is the run's transformer_impl;
+    `fused_routing` says whether routing runs the fused GPU kernel (kernels.py) or DepthRoute."""
+
+    def __init__(self, config, shapes: _Shapes, backend: str, position_embedding_type: str,
+                 create_attention_mask: bool, fused_routing: bool):
+        self.config, self.s, self.backend = config, shapes, backend
+        self.rope = position_embedding_type == "rope"
+        self.create_attention_mask = create_attention_mask
+        self.fused_routing = fused_routing
+        self.stream_bytes = shapes.sp_tokens * shapes.hidden * shapes.elem  # one [s, b, h] tensor
+
+    def norm_and_linear_input(self) -> int:
+        """A pre-norm and the linear it feeds, without the norm's input (a stream tensor, counted by
+        identity). Local: torch RMSNorm keeps x * rstd and rstd, the linear keeps the normed input;
+        TE's fused LayerNorm-linear keeps the normed input and rstd. Under SP the linear keeps its
+        local (not all-gathered) input."""
+        s = self.s
+        normed = s.sp_tokens * s.hidden * s.elem
+        return (2 if self.backend == "local" else 1) * normed + s.sp_tokens * FP32
+
+    def _recompute_core_attention(self) -> bool:
+        c = self.config
+        return c.recompute_granularity == "selective" and "core_attn" in c.recompute_modules
+
+    def attention(self) -> int:
+        """Core attention of one layer, RoPE, q/k norms and the output projection's input.
+
+        q, k, v are views of the fused QKV output: whatever keeps v itself (flash attention, the
+        selective-recompute checkpoint) or a norm's q / k input keeps that whole output alive."""
+        s, c = self.s, self.config
+        q = s.tokens * s.heads * s.head_dim * s.elem
+        kv = s.tokens * s.groups * s.head_dim * s.elem
+        fused_qkv = q + 2 * kv
+        rope = 4 * s.seq * s.head_dim * s.elem if self.rope else 0  # cos and sin, for q and for k
+        qk_norm = 0
+        if c.qk_layernorm:  # rstd, and for torch RMSNorm (local) x * rstd; the inputs are views
+            qk_norm = s.tokens * (s.heads + s.groups) * FP32 + (q + kv if self.backend == "local" else 0)
+        if self.backend == "local":
+            if self._recompute_core_attention():
+                # The checkpoint keeps its inputs: rotated q and k, v (a view), the mask type
+                # (an int32 tensor); then the context, the output projection's input.
+                return rope + qk_norm + q + kv + fused_qkv + 4 + q
+            # Unfused: q, k, v with K/V expanded to every head, the softmax output, the context.
+            probs = s.batch * s.heads * s.seq * s.seq * s.elem
+            dropout = s.batch * s.heads * s.seq * s.seq * (1 + s.elem) if c.attention_dropout > 0 else 0
+            return rope + qk_norm + (fused_qkv if c.qk_layernorm else 0) + 3 * q + probs + dropout + q
+        # Flash attention keeps rotated q and k, v (a view), its output (also the projection's
+        # input) and the fp32 log-sum-exp per head and token (recomputed under selective recompute).
+        lse = 0 if self._recompute_core_attention() else s.batch * s.heads * s.seq * FP32
+        return rope + qk_norm + q + kv + fused_qkv + q + lse
+
+    def mlp(self) -> int:
+        """fc1 output, activation and fc2 input."""
+        s, c = self.s, self.config
+        if c.recompute_granularity == "selective" and "mlp" in c.recompute_modules:
+            return 0
+        width = s.tokens * s.ffn * s.elem
+        if not c.gated_linear_unit:
+            return 2 * width  # fc1 output (kept by GeLU) and GeLU output (kept by fc2)
+        # Fused bias-SwiGLU keeps fc1's output [.., 2f] and fc2 keeps the product; unfused, torch
+        # also keeps silu(a) and the `b + glu_linear_offset` copy.
+        return (3 if c.bias_activation_fusion else 5) * width
+
+    def layer(self) -> int:
+        """One layer's own tensors, without its stream inputs and routing."""
+        dropout = 2 * self.s.sp_tokens * self.s.hidden if self.config.hidden_dropout > 0 else 0
+        return 2 * self.norm_and_linear_input() + self.attention() + self.mlp() + dropout
+
+    def routing_call(self, num_sources: int, gated: bool) -> int:
+        """What one route() call over `num_sources` sources keeps besides the sources."""
+        s = self.s
+        scalars = (2 * num_sources + 1) if self.fused_routing else 3 * num_sources
+        return s.hidden * FP32 + scalars * s.sp_tokens * FP32 + (self.stream_bytes if gated else 0)
+
+    def attention_mask(self) -> int:
+        """The local backend's masked softmax keeps the mask: the data's [b, 1, s, s], or Megatron's
+        cached causal [s, s]. Flash attention needs none."""
+        if self.backend != "local" or (self._recompute_core_attention() and not self.create_attention_mask):
+            return 0  # (the cached causal mask is made inside the recomputed region)
+        s = self.s
+        return (s.batch if self.create_attention_mask else 1) * s.seq * s.seq
+
+    def embedding(self) -> int:
+        """Token ids (int64) kept by the lookup (TP > 1: also the out-of-shard mask), and the
+        position ids of learned absolute position embeddings."""
+        tp = self.config.tensor_model_parallel_size
+        return self.s.tokens * (8 + (1 if tp > 1 else 0) + (0 if self.rope else 8))
+
+    def output_and_loss(self) -> int:
+        """Final norm + output layer input, and the vocab-parallel cross entropy: fp32 softmax
+        [tokens, vocab / tp], target mask (bool) and masked targets (int64)."""
+        s = self.s
+        return self.norm_and_linear_input() + s.tokens * s.vocab * FP32 + s.tokens * (1 + 8)
+
+
+def _placeholder():
+    return torch.empty((), device="meta")
+
+
+def _walk_stream(block, delta, recompute_groups):
+    """Which residual-stream tensors backward keeps, found by running the stage's bookkeeping on
+    placeholders: DepthState for routed models, the plain residual stream for the standard one.
+
+    Returns ({"layer inputs": n, "sources": n} stream tensors created on this chunk and kept (the
+    received ones live in the pipeline message), K of every kept route() call, K of every
+    recomputed route() call per recompute group)."""
+    from megatron_delta.state import DepthState
+
+    # id -> (tensor, kind); holding the placeholders keeps their ids from being reused.
+    kept, received = {}, {}
+
+    def keep(kind, *tensors):
+        for t in tensors:
+            if kept.get(id(t), (None, None))[1] != "sources":
+                kept[id(t)] = (t, kind)
+
+    if not delta.routed:
+        x = _placeholder()
+        if not block.pre_process:
+            received[id(x)] = x
+    elif block.pre_process:
+        state = DepthState.start(delta, _placeholder())
+    else:
+        state = DepthState.from_tensors(delta, block.input_layout,
+                                        [_placeholder() for _ in range(block.input_layout.num_tensors)])
+        received.update((id(t), t) for t in state.tensors())
+
+    calls, recomputed = [], []
+    for start, end, recompute in recompute_groups:
+        group_calls = []
+        if recompute:  # the checkpoint keeps its tensor inputs: the state entering the group
+            keep("layer inputs", *(state.tensors() if delta.routed else [x]))
+        for layer in block.layers[start:end]:
+            for _ in ("attention", "mlp"):
+                if not delta.routed:
+                    if not recompute:
+                        keep("layer inputs", x)  # the pre-norm's input
+                    x = _placeholder()  # x + v
+                    continue
+                sources = state.route_sources()
+                (group_calls if recompute else calls).append(len(sources))
+                if not recompute:
+                    keep("sources", *sources)
+                    keep("layer inputs", _placeholder())  # h = x + r (or r): the pre-norm's input
+                state = state.add_output(_placeholder())
+            if delta.routed and layer.ends_block:
+                state = state.close_block()
+        if recompute:
+            recomputed.append(group_calls)
+    if delta.routed and getattr(block, "final_router", None) is not None:
+        calls.append(len(state.sources))
+        keep("sources", *state.sources)
+        keep("layer inputs", _placeholder())  # the final norm's input r
+    elif block.post_process:
+        keep("layer inputs", state.hidden if delta.routed else x)  # the final norm's input x
+    counts = {"layer inputs": 0, "sources": 0}
+    for key, (_, kind) in kept.items():
+        if key not in received:
+            counts[kind] += 1
+    return counts, calls, recomputed
+
+
+def _layer_groups(block):
+    """(start, end, recompute) over the chunk's layers: DeltaTransformerBlock's split, which is
+    also how Megatron's TransformerBlock groups layers for full recompute."""
+    from megatron_delta.block import DeltaTransformerBlock
+
+    return DeltaTransformerBlock._layer_groups(block)
+
+
+def chunk_activations(chunk, delta, model: ActivationModel, slots: int) -> tuple[dict, int]:
+    """({part: bytes} held per micro-batch, bytes of the largest recomputed group) of one chunk."""
+    block = chunk.decoder
+    groups = _layer_groups(block)
+    kept_stream, calls, recomputed = _walk_stream(block, delta, groups)
+    kept_layers = sum(end - start for start, end, recompute in groups if not recompute)
+    gated = delta.has_gate
+    s = model.s
+    parts = {
+        "layers": kept_layers * model.layer() + (model.attention_mask() if kept_layers else 0),
+        "layer inputs": kept_stream["layer inputs"] * model.stream_bytes,
+        "sources": kept_stream["sources"] * model.stream_bytes,
+        "routing": sum(model.routing_call(k, gated) for k in calls),
+        "pipeline input": 0 if block.pre_process else slots * s.sp_tokens * s.hidden * s.pipe_elem,
+        "embedding": model.embedding() if block.pre_process else 0,
+        "output + loss": model.output_and_loss() if block.post_process else 0,
+    }
+    # Backward of a recomputed group runs its forward again: its layers' tensors, one group at a time.
+    recomputed_groups = [(start, end) for start, end, recompute in groups if recompute]
+    recompute_peak = max(
+        [(end - start) * (model.layer() + 2 * model.stream_bytes) + model.attention_mask()
+         + sum(model.routing_call(k, gated) for k in group_calls)
+         for (start, end), group_calls in zip(recomputed_groups, recomputed)],
+        default=0,
+    )
+    return parts, recompute_peak
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedule
+
+
+def _in_flight(chunk_bytes: list, num_microbatches: int, config) -> tuple[int, int]:
+    """(peak bytes, model-chunk micro-batches in flight at that peak) on this pipeline rank, by
+    replaying the order in which Megatron's schedule runs forwards and backwards."""
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches, get_schedule_table
+
+    num_chunks = len(chunk_bytes)
+    group = config.microbatch_group_size_per_vp_stage
+    total, _, warmup, remaining = get_pp_rank_microbatches(num_microbatches, num_chunks, group)
+    forward = [chunk for _, chunk in get_schedule_table(num_microbatches, num_chunks, group)]
+    backward = [num_chunks - 1 - chunk for chunk in forward]
+    live, count, peak, peak_count = 0, 0, 0, 0
+    steps = ["F"] * warmup + ["F", "B"] * remaining + ["B"] * (total - remaining)
+    f = b = 0
+    for step in steps:
+        if step == "F":
+            live, count, f = live + chunk_bytes[forward[f]], count + 1, f + 1
+            if live > peak:
+                peak, peak_count = live, count
+        else:
+            live, count, b = live - chunk_bytes[backward[b]], count - 1, b + 1
+    return peak, peak_count
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_memory_gb: float = 80.0,
+              reserve_gb: float = 8.0, on_gpu: bool = True, config_path: str = "") -> Plan:
+    """The plan of `cfg` on nodes x gpus_per_node GPUs. on_gpu=False plans the run as
+    `megatron-delta train` runs it without a GPU (fp32, unfused kernels, DepthRoute)."""
+    from megatron_delta import transport
+
+    world = nodes * gpus_per_node
+    cfg.validate(world)
+    # Weights are "initialised" on meta (no memory, no work): Megatron marks TP-sharded weights
+    # (`tensor_model_parallel`) in its init functions, so they must run.
+    config = dataclasses.replace(build_transformer_config(cfg, on_gpu=on_gpu), use_cpu_initialization=True)
+    vocab = padded_vocab_size(cfg, None if cfg.model.vocab_size else build_tokenizer(cfg.data).vocab_size)
+    tp, pp, vpp = (config.tensor_model_parallel_size, config.pipeline_model_parallel_size,
+                   config.virtual_pipeline_model_parallel_size)
+    dp = cfg.data_parallel_size(world)
+    t, delta = cfg.training, cfg.delta
+    micro = cfg.num_microbatches(world)
+    shapes = _Shapes.of(config, cfg.model.seq_length, t.micro_batch_size, vocab)
+    model = ActivationModel(config, shapes, cfg.model.transformer_impl, cfg.model.position_embedding_type,
+                            cfg.data.create_attention_mask, fused_routing=on_gpu)
+    boundaries = transport.boundary_bytes(delta, config, cfg.model.seq_length, t.micro_batch_size)
+    slots = transport.pipeline_slots(delta, config)
+
+    mixed = config.bf16 or config.fp16
+    weight_per_param = _bytes(config.params_dtype)
+    grad_per_param = FP32 if mixed else weight_per_param
+    optimizer_per_param = (3 if mixed else 2) * FP32 / (dp if cfg.parallel.use_distributed_optimizer else 1)
+
+    stages, total_params, routing_params = [], 0, 0
+    for pp_rank in range(pp):
+        with _as_pipeline_rank(config, pp_rank):
+            chunks = _build_chunks(cfg, config, vocab)
+            params = sum(p.numel() for c in chunks for p in c.parameters())
+            routing = sum(p.numel() for c in chunks for n, p in c.named_parameters() if "router" in n)
+            for c in chunks:
+                for p in c.parameters():
+                    if not getattr(p, "shared", False):  # the tied output copy on the last stage
+                        total_params += p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+            routing_params += routing
+            per_chunk = [chunk_activations(c, delta, model, slots) for c in chunks]
+            chunk_bytes = [sum(parts.values()) for parts, _ in per_chunk]
+            peak, in_flight = _in_flight(chunk_bytes, micro, config)
+            layers = [(c.decoder.layers[0].layer_number, c.decoder.layers[-1].layer_number) for c in chunks]
+            post_process = chunks[-1].post_process
+        parts = {key: sum(p[key] for p, _ in per_chunk) for key in per_chunk[0][0]}
+        # The loss turns the logits into fp32: both copies of one micro-batch exist for a moment.
+        logits_copy = shapes.tokens * shapes.vocab * shapes.elem if post_process and shapes.elem != FP32 else 0
+        transient = max([logits_copy] + [r for _, r in per_chunk])
+        sends = [b["sent_bytes"] for i, b in enumerate(boundaries) if i % pp == pp_rank]
+        weights, grads = params * weight_per_param, params * grad_per_param
+        optimizer = int(params * optimizer_per_param)
+        total = weights + grads + optimizer + peak + transient
+        stages.append(StagePlan(
+            pp_rank=pp_rank, layers=layers, params=params, routing_params=routing, weight_bytes=weights,
+            grad_bytes=grads, optimizer_bytes=optimizer, activation_parts=parts,
+            activation_bytes_per_microbatch=sum(chunk_bytes), microbatches_in_flight=in_flight,
+            activation_bytes=peak, transient_bytes=transient, send_bytes_per_microbatch=max(sends, default=0),
+            total_bytes=total, fits=total <= (gpu_memory_gb - reserve_gb) * GiB,
+        ))
+    return Plan(
+        config_path=config_path, nodes=nodes, gpus_per_node=gpus_per_node, tp=tp, pp=pp, vpp=vpp, dp=dp,
+        sequence_parallel=config.sequence_parallel, distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        num_microbatches=micro, micro_batch_size=t.micro_batch_size, seq_length=cfg.model.seq_length,
+        precision=t.precision if on_gpu else "fp32", backend=cfg.model.transformer_impl, variant=delta.variant,
+        vocab_size=vocab, total_params=total_params, routing_params=routing_params,
+        gpu_memory_bytes=int(gpu_memory_gb * GiB), reserve_bytes=int(reserve_gb * GiB), stages=stages,
+        boundaries=boundaries,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def _table(header: list, rows: list) -> str:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(str(v).rjust(w) for v, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def format_plan(plan: Plan, cfg: RunConfig) -> str:
+    m, d = cfg.model, cfg.delta
+    schedule = ("no pipeline" if plan.pp == 1 else
+                f"interleaved 1F1B, {plan.vpp} chunks per rank" if plan.vpp else "1F1B")
+    variant = d.variant + (f" ({d.num_blocks} blocks)" if d.uses_blocks else "")
+    layout = (f"TP {plan.tp}{' + SP' if plan.sequence_parallel else ''} x PP {plan.pp}"
+              f"{f' (VPP {plan.vpp})' if plan.vpp else ''} x DP {plan.dp}"
+              f"{', distributed optimizer' if plan.distributed_optimizer else ''}")
+    head = [
+        f"megatron-delta plan: {plan.config_path or 'config'} on {plan.nodes} node(s) x {plan.gpus_per_node} GPU(s)"
+        f" = {plan.nodes * plan.gpus_per_node} ranks, {plan.gpu_memory_bytes / GiB:g} GiB per GPU",
+        f"model   {variant}, {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads / "
+        f"{m.num_query_groups or m.num_attention_heads} query groups, ffn {m.ffn_hidden_size or 4 * m.hidden_size}, "
+        f"vocab {plan.vocab_size:,}: {plan.total_params:,} parameters ({plan.routing_params:,} routing)",
+        f"layout  {layout}; {plan.precision}, {plan.backend}",
+        f"batch   micro-batch {plan.micro_batch_size} x {plan.seq_length} tokens, {plan.num_microbatches} "
+        f"micro-batch(es) per step and DP rank, {schedule}",
+        "",
+    ]
+    rows = []
+    for s in plan.stages:
+        layers = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in s.layers)
+        rows.append([
+            s.pp_rank, layers, f"{s.params / 1e6:,.1f}M", _gib(s.weight_bytes), _gib(s.grad_bytes),
+            _gib(s.optimizer_bytes), _gib(s.activation_bytes_per_microbatch), s.microbatches_in_flight,
+            _gib(s.activation_bytes), _gib(s.transient_bytes), _gib(s.total_bytes),
+            _mib(s.send_bytes_per_microbatch) if s.send_bytes_per_microbatch else "-",
+            "yes" if s.fits else "NO",
+        ])
+    memory = _table(["pp rank", "layers", "params", "weights", "grads", "optimizer", "act/µb", "µb in flight",
+                     "activations", "transient", "total GiB", "sends MiB/µb", "fits"], rows)
+    part_names = list(plan.stages[0].activation_parts)
+    parts = _table(["pp rank"] + part_names + ["per µb"],
+                   [[s.pp_rank] + [_mib(s.activation_parts[k]) for k in part_names]
+                    + [_mib(s.activation_bytes_per_microbatch)] for s in plan.stages])
+    usable = (plan.gpu_memory_bytes - plan.reserve_bytes) / GiB
+    notes = [
+        "",
+        "Activations per micro-batch by part, MiB. layers: tensors inside attention and MLP; layer inputs:",
+        "the [s, b, h] inputs of the pre-norms (and of recomputed layer groups); sources: routing sources",
+        "created on this rank and kept for backward; routing: per-token routing scalars; pipeline input:",
+        "the received message, which holds the sources of earlier stages:",
+        parts,
+        "",
+        f"fits: total <= {usable:g} GiB ({plan.gpu_memory_bytes / GiB:g} GiB minus {plan.reserve_bytes / GiB:g} GiB "
+        "reserved for CUDA context, NCCL/cuBLAS workspaces and fragmentation).",
+        "µb in flight: model-chunk micro-batches whose activations are held at the schedule's peak "
+        "(1F1B: min(pp - rank, micro-batches); interleaved: more, each 1/vpp of a rank's layers).",
+        "transient: the fp32 copy of one micro-batch's logits (last stage) or one recomputed layer group.",
+    ]
+    if plan.boundaries:
+        notes.append(f"sends: one [{max(b['tensors'] for b in plan.boundaries)} x s, b, h] message per micro-batch "
+                     "forward, and its gradient back (transport.boundary_bytes).")
+    return "\n".join(head + [memory] + notes)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="megatron-delta plan",
+        description="Per-rank parameters, memory and pipeline traffic of a run config on a cluster.")
+    parser.add_argument("--config", required=True, help="run config YAML (as for megatron-delta train)")
+    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--gpus-per-node", type=int, required=True)
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0,
+                        help="device memory per GPU in GiB (default 80; an H100 80GB has 79.6)")
+    parser.add_argument("--reserve-gb", type=float, default=8.0,
+                        help="GiB per GPU left for what the plan does not model (default 8)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (repeatable), as for megatron-delta train")
+    parser.add_argument("--cpu", action="store_true",
+                        help="plan the run as it runs without a GPU (fp32, unfused kernels): to compare with CPU runs")
+    parser.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
+    args = parser.parse_args(argv)
+    for name in ("nodes", "gpus_per_node"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.gpu_memory_gb <= args.reserve_gb:
+        parser.error(f"--gpu-memory-gb={args.gpu_memory_gb:g} must exceed --reserve-gb={args.reserve_gb:g}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_run_config(args.config, args.set)
+        plan = make_plan(cfg, args.nodes, args.gpus_per_node, args.gpu_memory_gb, args.reserve_gb,
+                         on_gpu=not args.cpu, config_path=args.config)
+    except (RunConfigError, DeltaConfigError, DataError, OSError) as e:
+        print(f"megatron-delta plan: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(plan, cfg))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(plan.to_json())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""`megatron-delta plan` against formulas and against real CPU runs.
+
+1. The recipes: the 7.6B and 14B models have the parameter count of the textbook formula
+   (embeddings + GQA attention + SwiGLU MLP + norms + routing [+ output layer]), the 7.6B model
+   exactly 589,824 routing parameters, and every recipe layout fits an 80 GiB GPU.
+2. A small model on a real 2-rank torchrun (gloo) under several layouts (TP2 + SP, TP2 with full
+   recompute, PP2 for four variants, PP2 x VPP2), built by `megatron-delta train`'s own build_model
+   and run for one step through Megatron's pipeline schedule. Per rank the plan must give
+     - parameters: exactly the numel sum of the rank's real model;
+     - sent bytes: exactly the size of the tensor each non-last chunk's forward returns;
+     - activations per micro-batch: the bytes of the distinct storages autograd saved for backward
+       during the forwards (torch.autograd.graph.saved_tensors_hooks, parameters excluded; the
+       loss is a plain sum, which saves nothing). Margin: none, the figures agree to the byte for
+       the local backend on CPU. (The transformer_engine terms cannot be measured without a GPU.)
+
+Everything runs in one 2-rank torchrun of this file as a script (one import of Megatron per
+process): rank 0 first computes the plans (before any process group exists: the planner makes its
+own), then both ranks measure.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+CONFIGS = os.path.join(REPO, "examples", "configs")
+RECIPES = {  # config -> (nodes, GPUs per node)
+    "delta_block_7p6b.yaml": (8, 8),
+    "delta_block_7p6b_256gpu.yaml": (32, 8),
+    "delta_block_14b_64gpu.yaml": (8, 8),
+    "delta_block_14b_256gpu.yaml": (32, 8),
+}
+TIMEOUT = 900  # seconds for the launched job (about 40 s of CPU time; more on a busy host)
+
+SMALL = {
+    "model": dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=160,
+                  seq_length=32, vocab_size=256, transformer_impl="local"),
+    "delta": dict(variant="delta_block", num_blocks=2),
+    "training": dict(micro_batch_size=2, global_batch_size=2, train_iters=1, lr_warmup_iters=0, precision="fp32",
+                     eval_iters=1),
+    "data": dict(blend=None, tokenizer="byte", create_attention_mask=True),
+}
+TP2, PP2 = "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"
+CASES = {
+    "tp2_sp_qk_layernorm": [TP2, "parallel.sequence_parallel=true", "model.qk_layernorm=true"],
+    "tp2_full_recompute": [TP2, "training.recompute_granularity=full", "training.recompute_method=uniform",
+                           "training.recompute_num_layers=1"],
+    "tp2_selective_recompute": [TP2, "training.recompute_granularity=selective",
+                                "data.create_attention_mask=false"],
+    "pp2_delta_block": [PP2],
+    "pp2_delta_identity": [PP2, "delta.variant=delta", "delta.init=identity"],
+    "pp2_attnres_block": [PP2, "delta.variant=attnres_block"],
+    "pp2_standard": [PP2, "delta.variant=standard"],
+    "pp2_vpp2_attnres_full": [PP2, "parallel.virtual_pipeline_model_parallel_size=2",
+                              "delta.variant=attnres_full", "training.global_batch_size=4"],
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The script: `torchrun --nproc_per_node=2 tests/test_plan.py OUT_DIR`
+
+
+def _small_config(tmp_dir):
+    path = os.path.join(tmp_dir, "small.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(SMALL, f)
+    return path
+
+
+def plan_figures(out_dir):
+    """Plans of the recipes (GPU) and of the small cases (as a CPU run), and one CLI table."""
+    import contextlib
+    import io
+
+    from megatron_delta.plan import main, make_plan
+    from megatron_delta.run_config import load_run_config
+
+    small = os.path.join(out_dir, "small.yaml")
+    figures = {"recipes": {}, "cases": {}}
+    for name, (nodes, gpus) in RECIPES.items():
+        plan = make_plan(load_run_config(os.path.join(CONFIGS, name)), nodes, gpus)
+        figures["recipes"][name] = json.loads(plan.to_json())
+    for name, overrides in CASES.items():
+        plan = make_plan(load_run_config(small, overrides), 1, 2, on_gpu=False)
+        figures["cases"][name] = json.loads(plan.to_json())
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        rc = main(["--config", os.path.join(CONFIGS, "delta_block_7p6b.yaml"), "--nodes", "8", "--gpus-per-node", "8"])
+    figures["cli"] = {"rc": rc, "stdout": table.getvalue()}
+    with open(os.path.join(out_dir, "plan.json"), "w") as f:
+        json.dump(figures, f)
+
+
+def plan_and_measure(out_dir):
+    """Rank 0: the plans (plan_figures). Every rank of the real 2-rank run: parameters,
+    saved-tensor bytes per micro-batch and sent bytes of every case."""
+    import torch
+
+    from megatron_delta import cpu_shim
+
+    torch.set_num_threads(1)
+    if os.environ["RANK"] == "0":
+        plan_figures(out_dir)
+    cpu_shim.install()
+    torch.distributed.init_process_group("gloo")
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.utils import get_attr_wrapped_model
+
+    from megatron_delta import pipeline_seq_length
+    from megatron_delta.run_config import build_transformer_config, load_run_config
+    from megatron_delta.train import build_model
+
+    small = os.path.join(out_dir, "small.yaml")
+    results = {}
+    for name, overrides in CASES.items():
+        cfg = load_run_config(small, overrides)
+        m, p, t = cfg.model, cfg.parallel, cfg.training
+        parallel_state.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                                 p.virtual_pipeline_model_parallel_size)
+        model_parallel_cuda_manual_seed(0)
+        config = build_transformer_config(cfg, on_gpu=False)
+        chunks = build_model(cfg, config, m.vocab_size, on_gpu=False)
+        params = [q for chunk in chunks for q in chunk.parameters()]
+        param_storages = {q.untyped_storage().data_ptr() for q in params}
+
+        g = torch.Generator().manual_seed(0)
+        s, b = m.seq_length, t.micro_batch_size
+        num_microbatches = cfg.num_microbatches(torch.distributed.get_world_size())
+        vpp = p.virtual_pipeline_model_parallel_size
+
+        def batches():  # as the data loader gives them: every micro-batch its own tensors
+            for _ in range(num_microbatches):
+                yield dict(
+                    tokens=torch.randint(0, m.vocab_size, (b, s), generator=g),
+                    position_ids=torch.arange(s).expand(b, s),
+                    attention_mask=(torch.ones(b, 1, s, s, dtype=torch.bool).tril().logical_not()
+                                    if cfg.data.create_attention_mask else None))
+
+        sent, saved = [], {}  # saved: storage address -> (bytes, tensor kept alive: no address reuse)
+        in_forward = [False]  # recomputation inside backward saves again; that is not held memory
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            in_forward[0] = True
+            output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["tokens"])
+            in_forward[0] = False
+            if not get_attr_wrapped_model(model, "post_process"):
+                sent.append(output.numel() * output.element_size())
+            # sum() keeps nothing for backward: what is saved belongs to the model.
+            return output, lambda out: (out.sum(), torch.tensor(out.numel(), dtype=torch.int), {})
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if in_forward[0] and storage.data_ptr() not in param_storages:
+                saved.setdefault(storage.data_ptr(), (storage.nbytes(), tensor))
+            return tensor
+
+        data = [batches() for _ in chunks] if vpp else batches()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=data, model=chunks if vpp else chunks[0],
+                num_microbatches=num_microbatches, seq_length=pipeline_seq_length(cfg.delta, config, s),
+                micro_batch_size=b, forward_only=False)
+        results[name] = {
+            "params": sum(q.numel() for q in params),
+            "saved_bytes_per_microbatch": sum(nbytes for nbytes, _ in saved.values()) / num_microbatches,
+            "sent_bytes": max(sent, default=0),
+        }
+        parallel_state.destroy_model_parallel()
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, results)
+    if torch.distributed.get_rank() == 0:
+        with open(os.path.join(out_dir, "measured.json"), "w") as f:
+            json.dump(gathered, f)
+    torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests
+
+
+@pytest.fixture(scope="module")
+def figures(tmp_path_factory):
+    """Run the 2-rank job; the plans and the measurements it wrote."""
+    out = str(tmp_path_factory.mktemp("plan"))
+    _small_config(out)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={port}", os.path.abspath(__file__), out],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": REPO},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log = job.communicate(timeout=TIMEOUT)[0]
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, 9)
+    assert job.returncode == 0, log[-4000:]
+    with open(os.path.join(out, "plan.json")) as f:
+        planned = json.load(f)
+    with open(os.path.join(out, "measured.json")) as f:
+        planned["measured"] = json.load(f)
+    return planned
+
+
+def expected_parameters(m):
+    """Embeddings + per layer (GQA attention, SwiGLU MLP, two norms, q/k norms, routing) + final
+    norm (+ output layer when untied)."""
+    h, heads, groups, ffn = m["hidden_size"], m["num_attention_heads"], m["num_query_groups"], m["ffn_hidden_size"]
+    d = h // heads
+    attention = h * (heads + 2 * groups) * d + heads * d * h + (2 * d if m.get("qk_layernorm") else 0)
+    mlp = h * 2 * ffn + ffn * h
+    routing = 4 * h
+    layer = attention + mlp + 2 * h + routing
+    embeddings = m["vocab_size"] * h * (2 if m.get("untie_embeddings_and_output_weights") else 1)
+    return embeddings + m["num_layers"] * layer + h, m["num_layers"] * routing
+
+
+def _recipe(name):
+    with open(os.path.join(CONFIGS, name)) as f:
+        return yaml.safe_load(f)
+
+
+def test_7p6b_parameter_count_and_routing_parameters(figures):
+    recipe = _recipe("delta_block_7p6b.yaml")["model"]
+    total, routing = expected_parameters(recipe)
+    assert routing == 589_824
+    for name in ("delta_block_7p6b.yaml", "delta_block_7p6b_256gpu.yaml"):
+        plan = figures["recipes"][name]
+        assert (plan["total_params"], plan["routing_params"]) == (total, 589_824), name
+    assert 7.5e9 < total < 7.7e9
+
+
+def test_14b_parameter_count(figures):
+    total, routing = expected_parameters(_recipe("delta_block_14b_64gpu.yaml")["model"])
+    for name in ("delta_block_14b_64gpu.yaml", "delta_block_14b_256gpu.yaml"):
+        plan = figures["recipes"][name]
+        assert (plan["total_params"], plan["routing_params"]) == (total, routing), name
+    assert 14e9 < total < 15.5e9
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_recipe_layouts_fit_80gb_and_match_the_cluster(figures, name):
+    plan = figures["recipes"][name]
+    nodes, gpus = RECIPES[name]
+    assert plan["tp"] * plan["pp"] * plan["dp"] == nodes * gpus
+    assert plan["tp"] <= gpus  # tensor parallelism stays inside a node (NVLink)
+    assert all(stage["fits"] for stage in plan["stages"]), [s["total_bytes"] / 2**30 for s in plan["stages"]]
+    # Per-rank parameters add up to the model (TP shards x stages, the tied output copy aside).
+    for stage in plan["stages"]:
+        assert stage["weight_bytes"] == 2 * stage["params"] and stage["grad_bytes"] == 4 * stage["params"]
+
+
+def _rank_stage(plan, rank):
+    """The plan's row for a global rank of the 2-rank measurement (TP ranks share pp rank 0)."""
+    return plan["stages"][rank % plan["pp"]] if plan["tp"] == 1 else plan["stages"][0]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_plan_matches_a_real_two_rank_run(figures, case):
+    plan = figures["cases"][case]
+    for rank, measured in enumerate(figures["measured"]):
+        stage, real = _rank_stage(plan, rank), measured[case]
+        assert stage["params"] == real["params"], (rank, stage["params"], real["params"])
+        assert stage["send_bytes_per_microbatch"] == real["sent_bytes"], (rank, stage, real)
+        planned, saved = stage["activation_bytes_per_microbatch"], real["saved_bytes_per_microbatch"]
+        assert planned == saved, (rank, planned, saved, stage["activation_parts"])
+
+
+def test_pipeline_boundaries_carry_the_routing_state(figures):
+    """delta (4 layers, PP2): x, x_0 and the 4 sublayer outputs of stage 0 = 6 slots of
+    [s, b, h] fp32; the standard model sends x alone."""
+    slot = SMALL["model"]["seq_length"] * SMALL["training"]["micro_batch_size"] * SMALL["model"]["hidden_size"] * 4
+    assert figures["cases"]["pp2_delta_identity"]["stages"][0]["send_bytes_per_microbatch"] == 6 * slot
+    assert figures["cases"]["pp2_standard"]["stages"][0]["send_bytes_per_microbatch"] == slot
+
+
+def test_interleaved_schedule_holds_more_microbatches_than_1f1b(figures):
+    plan = figures["cases"]["pp2_vpp2_attnres_full"]
+    # Megatron's interleaved warm-up: (pp - r - 1) * 2 + (vpp - 1) * pp forwards, +1 in steady state,
+    # capped by micro-batches x chunks = 4.
+    assert [s["microbatches_in_flight"] for s in plan["stages"]] == [4, 3]
+    assert [s["microbatches_in_flight"] for s in figures["cases"]["pp2_delta_block"]["stages"]] == [1, 1]
+
+
+def test_cli_prints_a_table_per_pipeline_rank(figures):
+    cli = figures["cli"]
+    assert cli["rc"] == 0
+    lines = cli["stdout"].splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("pp rank  layers"))
+    assert set(lines[header + 1]) <= {"-", " "}
+    rows = lines[header + 2:header + 4]
+    assert [row.split()[0] for row in rows] == ["0", "1"] and all(row.split()[-1] == "yes" for row in rows)
+    assert "7,568,995,328 parameters (589,824 routing)" in cli["stdout"]
+
+
+def test_bad_layout_is_a_clear_error(capsys):
+    from megatron_delta.plan import main
+
+    rc = main(["--config", os.path.join(CONFIGS, "delta_block_7p6b.yaml"), "--nodes", "3", "--gpus-per-node", "8"])
+    assert rc == 2
+    assert "parallel.data_parallel_size=8 but world size 24 / (tp 4 x pp 2) = 3" in capsys.readouterr().err
+
+
+if __name__ == "__main__":
+    plan_and_measure(sys.argv[1])
