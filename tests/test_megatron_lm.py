@@ -1,0 +1,398 @@
+"""Megatron-LM integration (megatron_delta/megatron_lm.py, examples/megatron_lm/, patches/).
+
+Always run: the delta flags -> DeltaResidualConfig, the checks of Megatron-LM options, the layer
+spec choice, the forward-backward wrapper's seq_length and the router LR parameter groups.
+
+Run only with MEGATRON_LM_PATH pointing at a Megatron-LM checkout that has tag core_v0.16.1 (plus
+Megatron-LM's own Python requirements: six, pybind11 and an importable triton): the launcher
+trains a tiny GPT on CPU (1 rank, and 2 pipeline stages), the patch applies with `git apply
+--check` at the tag, and a fork patched with it trains too.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_delta import cpu_shim
+
+cpu_shim.install()
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.optimizer import OptimizerConfig, _get_param_groups, get_standard_config_overrides  # noqa: E402
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
+
+from megatron_delta import (  # noqa: E402
+    DeltaConfigError,
+    DeltaGPTModel,
+    DeltaResidualConfig,
+    get_gpt_delta_layer_spec,
+    megatron_lm,
+)
+from megatron_delta.layer import DeltaTransformerLayer  # noqa: E402
+from megatron_delta.model import HAVE_TE  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(REPO, "examples", "megatron_lm", "pretrain_gpt_delta.py")
+PATCH = os.path.join(REPO, "patches", "megatron-lm-core_v0.16.1-delta.patch")
+MEGATRON_LM_TAG = "core_v0.16.1"
+MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
+needs_megatron_lm = pytest.mark.skipif(
+    not MEGATRON_LM_PATH, reason="set MEGATRON_LM_PATH to a Megatron-LM checkout (tag core_v0.16.1) to run"
+)
+
+
+def parse(*flags):
+    return megatron_lm.add_delta_args(argparse.ArgumentParser()).parse_args(list(flags))
+
+
+def transformer_config(**overrides):
+    kwargs = dict(num_layers=8, hidden_size=64, num_attention_heads=4, use_cpu_initialization=True,
+                  normalization="RMSNorm", add_bias_linear=False, params_dtype=torch.float32,
+                  pipeline_dtype=torch.float32)
+    return TransformerConfig(**{**kwargs, **overrides})
+
+
+# ------------------------------------------------------------------------------ flags -> config
+
+def test_delta_flags_parse_into_the_config():
+    args = parse("--delta-variant", "attnres_block", "--delta-num-blocks", "2", "--delta-init", "reference",
+                 "--delta-norm-epsilon", "1e-5", "--delta-router-lr-mult", "3")
+    assert megatron_lm.delta_config_from_args(args) == DeltaResidualConfig(
+        variant="attnres_block", num_blocks=2, init="reference", norm_epsilon=1e-5)
+    assert args.delta_router_lr_mult == 3.0
+
+
+def test_default_flags_are_the_standard_model():
+    """A fork that always adds the flags must behave as upstream until one is given."""
+    args = parse()
+    delta = megatron_lm.delta_config_from_args(args)
+    assert delta == DeltaResidualConfig(variant="standard") and not delta.routed
+    assert args.delta_router_lr_mult == 1.0
+
+
+def test_unknown_variant_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        parse("--delta-variant", "delta-block")
+    assert "--delta-variant: invalid choice: 'delta-block'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--delta-variant", "delta_block", "--delta-num-blocks", "0"), "delta.num_blocks=0 must be an integer >= 1"),
+    (("--delta-variant", "attnres_full", "--delta-init", "identity"), "delta.init='identity' needs an additive"),
+    (("--delta-norm-epsilon", "0"), "delta.norm_epsilon=0.0 must be > 0"),
+    (("--delta-router-lr-mult", "0"), "--delta-router-lr-mult=0.0 must be > 0"),
+])
+def test_bad_flag_values_give_one_clear_error(flags, message):
+    with pytest.raises(DeltaConfigError, match=re.escape(message)):
+        megatron_lm.delta_config_from_args(parse(*flags))
+
+
+def test_args_without_the_delta_flags_say_how_to_add_them():
+    with pytest.raises(DeltaConfigError, match="pass megatron_delta.megatron_lm.add_delta_args"):
+        megatron_lm.delta_config_from_args(argparse.Namespace(seq_length=32))
+
+
+# ------------------------------------------------------------------------ Megatron-LM options
+
+def megatron_lm_args(**overrides):
+    """The Megatron-LM arguments delta_gpt_builder reads, at Megatron-LM's defaults."""
+    defaults = dict(use_legacy_models=False, spec=None, num_experts=None, multi_latent_attention=False,
+                    experimental_attention_variant=None, heterogeneous_layers_config_path=None,
+                    mtp_num_layers=None, transformer_impl="transformer_engine", qk_layernorm=False,
+                    qk_l2_norm=False, normalization="LayerNorm")
+    return argparse.Namespace(**{**defaults, **overrides})
+
+
+def test_megatron_lm_defaults_pass_the_checks():
+    megatron_lm.check_megatron_lm_args(megatron_lm_args())
+    megatron_lm.check_megatron_lm_args(megatron_lm_args(transformer_impl="local"))
+
+
+@pytest.mark.parametrize("attribute, value, flag", [
+    ("use_legacy_models", True, "--use-legacy-models"),
+    ("spec", ["my.module", "my_spec"], "--spec"),
+    ("num_experts", 8, "--num-experts"),
+    ("multi_latent_attention", True, "--multi-latent-attention"),
+    ("experimental_attention_variant", "gated_delta_net", "--experimental-attention-variant"),
+    ("heterogeneous_layers_config_path", "layers.json", "--heterogeneous-layers-config-path"),
+    ("mtp_num_layers", 1, "--mtp-num-layers"),
+    ("transformer_impl", "inference_optimized", "--transformer-impl=inference_optimized"),
+])
+def test_options_the_delta_builder_cannot_honour_are_refused(attribute, value, flag):
+    with pytest.raises(DeltaConfigError, match=re.escape(flag)):
+        megatron_lm.check_megatron_lm_args(megatron_lm_args(**{attribute: value}))
+
+
+def test_local_spec_gets_megatron_lm_options():
+    """--transformer-impl local: the local spec, with --qk-layernorm and the normalization applied."""
+    delta = DeltaResidualConfig("delta_block", 2)
+    args = megatron_lm_args(transformer_impl="local", qk_layernorm=True, normalization="RMSNorm")
+    spec = megatron_lm.delta_layer_spec(args, transformer_config(), delta)
+    assert spec.module is DeltaTransformerLayer and spec.params["delta"] == delta
+    attention = spec.submodules.self_attention.submodules
+    assert attention.q_layernorm is not IdentityOp and attention.k_layernorm is not IdentityOp
+    plain = megatron_lm.delta_layer_spec(megatron_lm_args(transformer_impl="local"), transformer_config(), delta)
+    assert plain.submodules.self_attention.submodules.q_layernorm is IdentityOp
+
+
+@pytest.mark.skipif(HAVE_TE, reason="checks the error raised without Transformer Engine")
+def test_transformer_engine_impl_asks_for_the_te_spec():
+    with pytest.raises(DeltaConfigError, match="needs NVIDIA Transformer Engine"):
+        megatron_lm.delta_layer_spec(megatron_lm_args(), transformer_config(), DeltaResidualConfig("delta"))
+
+
+# ------------------------------------------------------------------ forward-backward seq_length
+
+def record_call(**kwargs):
+    return kwargs
+
+
+def seq_length_handed_to_schedule(delta, config, seq_length=32):
+    wrapped = megatron_lm.with_pipeline_seq_length(record_call, delta)
+    # Megatron-LM passes the DDP-wrapped chunks; get_model_config unwraps `.module` to the config.
+    model = [types.SimpleNamespace(module=types.SimpleNamespace(config=config))]
+    call = wrapped(forward_step_func="step", data_iterator=None, model=model, num_microbatches=4,
+                   seq_length=seq_length, micro_batch_size=2, forward_only=False)
+    assert {k: v for k, v in call.items() if k != "seq_length"} == dict(
+        forward_step_func="step", data_iterator=None, model=model, num_microbatches=4,
+        micro_batch_size=2, forward_only=False)
+    return call["seq_length"]
+
+
+@pytest.mark.parametrize("variant, num_blocks, pp, vpp, slots", [
+    # 8 layers. One message carries the largest state crossing any boundary:
+    # x (additive only) + x_0 + completed sources (+ the open block's partial sum).
+    ("delta_block", 4, 2, None, 4),      # boundary at layer 4 = start of block 2: x, x_0, D_0, D_1
+    ("delta_block", 8, 2, None, 6),      # blocks of 1 layer: x, x_0, D_0..D_3
+    ("attnres_block", 4, 2, None, 3),    # replacement: no x
+    ("delta_block", 2, 4, None, 4),      # boundary at layer 6 cuts block 1: x, partial, x_0, D_0
+    ("delta_block", 2, 2, 2, 4),         # same boundaries with interleaving (2 stages x 2 chunks)
+    ("delta", 4, 2, None, 10),           # per sublayer: x, x_0, v_1..v_8
+    ("attnres_full", 4, 2, None, 9),
+    ("delta_block", 4, 1, None, 1),      # no pipeline: nothing packed
+])
+def test_schedule_gets_the_packed_seq_length(variant, num_blocks, pp, vpp, slots):
+    config = transformer_config(pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp)
+    assert seq_length_handed_to_schedule(DeltaResidualConfig(variant, num_blocks), config) == slots * 32
+
+
+def test_standard_model_keeps_megatrons_schedule_untouched():
+    assert megatron_lm.with_pipeline_seq_length(record_call, DeltaResidualConfig("standard")) is record_call
+
+
+# ---------------------------------------------------------------------------- router LR groups
+
+@pytest.fixture(scope="module")
+def single_process_world():
+    torch.set_num_threads(1)
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    yield
+    parallel_state.destroy_model_parallel()
+
+
+def test_router_lr_mult_gives_routing_parameters_their_own_schedule(single_process_world):
+    """Megatron-Core's own param grouping of a real DeltaGPTModel, with Megatron-LM's standard
+    overrides plus ours: routing parameters (and only those) get 10x max and min LR."""
+    delta = DeltaResidualConfig("delta_block", 2)
+    config = transformer_config(num_layers=4)
+    model = DeltaGPTModel(config=config, delta=delta, transformer_layer_spec=get_gpt_delta_layer_spec(
+        delta, normalization="RMSNorm"), vocab_size=128, max_sequence_length=32)
+    optimizer_config = OptimizerConfig(lr=1e-3, min_lr=1e-4)
+    overrides = get_standard_config_overrides(optimizer_config)
+    overrides.update(megatron_lm.router_lr_overrides(optimizer_config, 10.0))
+    groups = _get_param_groups([model], optimizer_config, overrides)
+
+    lr_of = {id(p): (g["max_lr"], g["min_lr"], g["wd_mult"]) for g in groups for p in g["params"]}
+    router = [p for name, p in model.named_parameters() if "router" in name]
+    others = [p for name, p in model.named_parameters() if "router" not in name]
+    assert sum(p.numel() for p in router) == 4 * delta.routing_params_per_layer(64) == 1024
+    for p in router:
+        assert lr_of[id(p)] == pytest.approx((1e-2, 1e-3, 0.0))  # 1-D: no weight decay either
+    for p in others:
+        assert lr_of[id(p)][:2] == pytest.approx((1e-3, 1e-4))
+    assert megatron_lm.router_lr_overrides(optimizer_config, 1.0) == {}
+
+
+# ----------------------------------------------------------------- with a Megatron-LM checkout
+
+# A GPT small enough for a 2-core CPU; Megatron-LM's fusions are CUDA kernels, so they are off.
+TINY_GPT = """
+--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32
+--normalization RMSNorm --position-embedding-type rope --swiglu --disable-bias-linear
+--micro-batch-size 2 --global-batch-size 4 --train-iters 6 --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 1
+--mock-data --tokenizer-type NullTokenizer --vocab-size 128 --eval-iters 1 --eval-interval 1000
+--log-interval 1 --distributed-backend gloo --transformer-impl local --use-cpu-initialization
+--no-gradient-accumulation-fusion --no-masked-softmax-fusion --no-bias-gelu-fusion
+--no-bias-dropout-fusion --no-rope-fusion --no-persist-layer-norm
+""".split()
+
+
+def megatron_lm_env(megatron_lm_root: str) -> dict:
+    """Megatron-LM on PYTHONPATH, one thread per rank, and Megatron-LM's `make` of its dataset
+    helpers building for this interpreter (its Makefile asks whatever `python3-config` is first
+    on PATH for the extension suffix)."""
+    inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    path = os.pathsep.join([megatron_lm_root, REPO] + inherited)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path,
+            "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+            "MAKEFLAGS": f"LIBEXT={sysconfig.get_config_var('EXT_SUFFIX')}"}
+
+
+def torchrun(script_args, nproc, megatron_lm_root, cwd, timeout=600):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               *script_args]
+    process = subprocess.Popen(command, cwd=cwd, env=megatron_lm_env(megatron_lm_root), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        log, _ = process.communicate()
+        pytest.fail(f"Megatron-LM run timed out:\n{log[-4000:]}")
+    return process.returncode, log
+
+
+def training_losses(log: str) -> list:
+    return [float(x) for x in re.findall(r"iteration\s+\d+/\s*\d+ \|.*?\| lm loss: ([0-9.Ee+-]+)", log)]
+
+
+def assert_trains(returncode, log, iterations=6):
+    errors = [line for line in log.splitlines() if "Error" in line]
+    assert returncode == 0, "\n".join([log[-3000:], "errors:"] + errors)
+    losses = training_losses(log)
+    assert len(losses) == iterations, log[-3000:]
+    assert all(math.isfinite(loss) for loss in losses), losses
+    # Mock data is uniform over a 128-token vocabulary padded to 256: ln(256) = 5.55 at init.
+    assert abs(losses[0] - math.log(256)) < 0.2, losses
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert "validation loss at iteration 6" in log
+    return losses
+
+
+@needs_megatron_lm
+def test_launcher_trains_on_one_rank(tmp_path):
+    returncode, log = torchrun([LAUNCHER, *TINY_GPT, "--delta-variant", "delta_block", "--delta-num-blocks", "2"],
+                               1, MEGATRON_LM_PATH, tmp_path)
+    assert_trains(returncode, log)
+    assert "building DeltaGPTModel (DeltaResidualConfig(variant='delta_block', num_blocks=2" in log
+    # Megatron-LM's GPT for these flags (swiglu ffn = 128, vocab padded to 256, tied output):
+    # embedding 256*64 + 4 layers * (qkv 64*192 + proj 64*64 + fc1 64*256 + fc2 128*64 + 2 norms)
+    # + final norm, plus the routing parameters the launcher must have added.
+    gpt = 256 * 64 + 4 * (64 * 192 + 64 * 64 + 64 * 256 + 128 * 64 + 2 * 64) + 64
+    routing = 4 * DeltaResidualConfig("delta_block", 2).routing_params_per_layer(64)
+    assert f"model parallel rank (0, 0): {gpt + routing}\n" in log
+
+
+@needs_megatron_lm
+def test_launcher_trains_two_pipeline_stages(tmp_path):
+    """The stages exchange [x, x_0, D_0, D_1] packed along the sequence dim: without the
+    seq_length wrapper the schedule's p2p buffers would be 4x too small."""
+    returncode, log = torchrun([LAUNCHER, *TINY_GPT, "--pipeline-model-parallel-size", "2",
+                                "--delta-variant", "delta_block", "--delta-num-blocks", "4"],
+                               2, MEGATRON_LM_PATH, tmp_path)
+    assert_trains(returncode, log)
+
+
+@needs_megatron_lm
+def test_launcher_refuses_bad_flags_before_training(tmp_path):
+    returncode, log = torchrun([LAUNCHER, *TINY_GPT, "--delta-variant", "delta_block", "--delta-num-blocks", "3"],
+                               1, MEGATRON_LM_PATH, tmp_path)
+    assert returncode != 0
+    assert "DeltaConfigError: delta.num_blocks=3 with num_layers=4 gives blocks of 2 layers" in log
+    assert not training_losses(log)
+
+
+def checkout_at_tag(destination, paths=()):
+    """Files of Megatron-LM at the tag (not the checkout's working tree), as plain files."""
+    if subprocess.run(["git", "-C", MEGATRON_LM_PATH, "rev-parse", "--verify", "--quiet", MEGATRON_LM_TAG],
+                      capture_output=True).returncode != 0:
+        pytest.skip(f"MEGATRON_LM_PATH={MEGATRON_LM_PATH} has no tag {MEGATRON_LM_TAG} (git fetch --tags)")
+    destination.mkdir()
+    archive = subprocess.run(["git", "-C", MEGATRON_LM_PATH, "archive", MEGATRON_LM_TAG, "--", *paths],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True)
+    subprocess.run(["git", "init", "-q", str(destination)], check=True)
+    return destination
+
+
+@needs_megatron_lm
+def test_patch_applies_cleanly_at_the_tag(tmp_path):
+    fork = checkout_at_tag(tmp_path / "megatron-lm", ["gpt_builders.py", "megatron/training"])
+    check = subprocess.run(["git", "apply", "--check", PATCH], cwd=fork, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+@needs_megatron_lm
+def test_patched_fork_trains_with_pretrain_gpt(tmp_path):
+    """Megatron-LM's own pretrain_gpt.py, patched: delta routing over two pipeline stages with a
+    router LR multiplier (run through a wrapper that only installs the CPU shim)."""
+    fork = checkout_at_tag(tmp_path / "megatron-lm", ["megatron", "gpt_builders.py", "model_provider.py",
+                                                      "pretrain_gpt.py"])
+    subprocess.run(["git", "apply", PATCH], cwd=fork, check=True)
+    # Reuse the checkout's compiled dataset helpers (newer than helpers.cpp, so make skips them).
+    helpers = os.path.join(MEGATRON_LM_PATH, "megatron", "core", "datasets")
+    for name in os.listdir(helpers):
+        if name.startswith("helpers_cpp") and name.endswith(".so"):
+            shutil.copy(os.path.join(helpers, name), fork / "megatron" / "core" / "datasets" / name)
+    runner = tmp_path / "cpu_pretrain_gpt.py"
+    runner.write_text(
+        "import runpy, sys\n"
+        "from megatron_delta import cpu_shim\n"
+        "cpu_shim.install_megatron_lm()\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    returncode, log = torchrun([str(runner), str(fork / "pretrain_gpt.py"), *TINY_GPT,
+                                "--pipeline-model-parallel-size", "2", "--delta-variant", "delta",
+                                "--delta-router-lr-mult", "10"], 2, str(fork), tmp_path)
+    assert_trains(returncode, log)
+    assert "building DeltaGPTModel (DeltaResidualConfig(variant='delta'" in log
+
+
+@needs_megatron_lm
+def test_llama3_recipe_arguments_parse_with_megatron_lm(tmp_path):
+    """The shell recipe's command line, captured by a stand-in torchrun, goes through Megatron-LM's
+    own argument parser (every flag exists at the tag) and carries the delta flags."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import json, sys; "
+                                      f"print(json.dumps(sys.argv[1:]))' \"$@\"\n")
+    (bin_dir / "torchrun").chmod(0o755)
+    env = {**os.environ, "MEGATRON_LM_PATH": MEGATRON_LM_PATH, "PP_SIZE": "2", "VPP_LAYERS": "4",
+           "PATH": os.pathsep.join([str(bin_dir), os.environ["PATH"]])}
+    recipe = os.path.join(REPO, "examples", "megatron_lm", "train_llama3_8b_delta.sh")
+    run = subprocess.run(["bash", recipe, str(tmp_path / "ckpt"), str(tmp_path / "tb")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True)
+    command = json.loads(run.stdout.splitlines()[-1])
+    assert command[command.index("--nproc_per_node") + 1] == "8" and command[10] == LAUNCHER
+    parse_with_megatron_lm = (
+        "import json, sys\n"
+        "from megatron.training.arguments import parse_args\n"
+        "from megatron_delta.megatron_lm import add_delta_args, delta_config_from_args\n"
+        "sys.argv = ['pretrain_gpt_delta.py'] + json.loads(sys.argv[1])\n"
+        "args = parse_args(add_delta_args)\n"
+        "print(json.dumps([repr(delta_config_from_args(args)), args.fp8, args.num_layers,\n"
+        "                  args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage]))\n"
+    )
+    parsed = subprocess.run([sys.executable, "-c", parse_with_megatron_lm, json.dumps(command[11:])],
+                            env=megatron_lm_env(MEGATRON_LM_PATH), capture_output=True, text=True)
+    assert parsed.returncode == 0, parsed.stderr[-3000:]
+    assert json.loads(parsed.stdout.splitlines()[-1]) == [
+        repr(DeltaResidualConfig("delta_block", 8, "reference")), "hybrid", 32, 2, 4]
