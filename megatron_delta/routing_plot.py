@@ -1,0 +1,114 @@
+"""`megatron-delta plot-routing RUN_DIR [--output PNG]`: how a trained model routes over depth.
+
+Reads RUN_DIR/metrics.jsonl (written by `megatron-delta train` every logging interval) and draws
+one PNG with two panels:
+  left   heatmap of the latest routing statistics: one row per sublayer, one column per source
+         (0 = token embeddings, then the earlier block / sublayer outputs in order), colour and
+         number = mean routing weight;
+  right  routing sharpness over training: mean max routing weight per sublayer (thin lines) and
+         its mean over sublayers (thick line); 1.0 = each token picks one source. Sublayers with a
+         single source (weight 1 by construction, e.g. the first block of delta_block) are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+
+def read_routing_history(metrics_path: str) -> dict[int, dict]:
+    """{step: routing summary} from a metrics.jsonl; a step logged twice (a run resumed from an
+    earlier checkpoint) keeps its later line."""
+    history = {}
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("routing"):
+                history[record["step"]] = record["routing"]
+    return dict(sorted(history.items()))
+
+
+def plot_routing(history: dict[int, dict], output: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    last_step, last = max(history.items())
+    labels = list(last)  # "layer_00.attention", "layer_00.mlp", ... in depth order
+    num_sources = max(stats["num_sources"] for stats in last.values())
+    weights = np.full((len(labels), num_sources), np.nan)
+    for row, label in enumerate(labels):
+        mean_weight = last[label]["mean_weight"]
+        weights[row, : len(mean_weight)] = mean_weight
+
+    height = max(4.0, 0.28 * len(labels) + 1.5)
+    fig, (heat_ax, curve_ax) = plt.subplots(
+        1, 2, figsize=(7 + 0.45 * num_sources, height), gridspec_kw={"width_ratios": [max(num_sources, 3), 5]}
+    )
+    image = heat_ax.imshow(np.ma.masked_invalid(weights), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    if len(labels) * num_sources <= 400:  # numbers stay legible
+        for (row, col), value in np.ndenumerate(weights):
+            if not math.isnan(value):
+                heat_ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                             color="black" if value > 0.6 else "white")
+    heat_ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    heat_ax.set_xticks(range(num_sources), ["emb"] + [str(i) for i in range(1, num_sources)], fontsize=8)
+    heat_ax.set_xlabel("routing source\n(emb = token embeddings, then earlier outputs in depth order)", fontsize=8)
+    heat_ax.set_title(f"mean routing weight\nat step {last_step}", fontsize=10)
+    fig.colorbar(image, ax=heat_ax, fraction=0.05, pad=0.02)
+
+    steps = list(history)
+    routed = [label for label in labels if last[label]["num_sources"] > 1]
+    curves = np.array([[history[step].get(label, {}).get("max_weight", np.nan) for step in steps]
+                       for label in routed]).reshape(len(routed), len(steps))
+    for curve in curves:
+        curve_ax.plot(steps, curve, color="tab:blue", alpha=0.25, linewidth=0.8)
+    if routed:
+        curve_ax.plot(steps, np.nanmean(curves, axis=0), color="tab:blue", linewidth=2.5, label="mean over sublayers")
+        curve_ax.plot([], [], color="tab:blue", alpha=0.25, label="one sublayer")
+        curve_ax.legend(loc="lower right", fontsize=8)
+    curve_ax.set_ylim(0.0, 1.02)
+    curve_ax.set_xlabel("training step")
+    curve_ax.set_ylabel("mean max routing weight (sharpness)")
+    curve_ax.set_title(f"routing sharpness over training\n({len(routed)} sublayers with 2+ sources)", fontsize=10)
+    curve_ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="megatron-delta plot-routing",
+        description="Heatmap of routing weights (sublayers x sources) and sharpness over training "
+        "from a run directory's metrics.jsonl.",
+    )
+    parser.add_argument("run_dir", help="logging.dir of a `megatron-delta train` run")
+    parser.add_argument("--output", help="PNG to write (default: RUN_DIR/routing.png)")
+    args = parser.parse_args(argv)
+    metrics = os.path.join(args.run_dir, "metrics.jsonl")
+    if not os.path.exists(metrics):
+        print(f"plot-routing: error: {metrics} does not exist; give the logging.dir of a training run",
+              file=sys.stderr)
+        return 2
+    history = read_routing_history(metrics)
+    if not history:
+        print(f"plot-routing: error: {metrics} has no routing statistics (a standard-variant run, or no "
+              f"logging step yet)", file=sys.stderr)
+        return 2
+    output = args.output or os.path.join(args.run_dir, "routing.png")
+    plot_routing(history, output, title=os.path.basename(os.path.normpath(args.run_dir)))
+    print(f"wrote {output}: {len(history)} logged steps, {len(history[max(history)])} sublayers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

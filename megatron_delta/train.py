@@ -1,0 +1,842 @@
+"""`megatron-delta train --config RUN.yaml [--set section.key=value ...] [--resume auto|PATH]`
+
+Pre-trains a DeltaGPTModel with Megatron-Core's own training pieces. One process per device:
+`torchrun --nproc_per_node=N -m megatron_delta.train --config RUN.yaml` runs the mesh that the
+config names (tensor / pipeline / virtual pipeline / sequence / data parallel); without torchrun
+it is a one-process run. With CUDA: NCCL and training.precision. Without: gloo, fp32 and
+megatron_delta.cpu_shim (Megatron's CUDA-only calls redirected to the CPU).
+
+Components, one job each:
+    init_distributed   process group, Megatron mesh, micro-batch calculator, seeds
+    build_model        DeltaGPTModel chunks (one per virtual stage), Float16Module, DDP
+    build_optimizer    get_megatron_optimizer (routers at their own lr) + OptimizerParamScheduler
+    BatchSource        this data-parallel rank's micro-batches of global batch i
+    Trainer            train_step / evaluate with forward_backward_func; loss and routing reduction
+    Checkpointer       dist_checkpointing save (temp dir, rename, atomic `latest`) and resume
+    MetricsLogger      console progress line, metrics.jsonl, TensorBoard (rank 0)
+    PreemptionFlag     SIGTERM / SIGUSR1 -> save at the next step boundary and exit 143
+
+Exit status: 0 finished; 2 bad config or command line (nothing started); 143 (128 + SIGTERM)
+stopped by SIGTERM or SIGUSR1 after saving a checkpoint: rerun with `--resume auto`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import time
+
+import numpy as np
+import torch
+
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing import ShardedObject
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.num_microbatches_calculator import (
+    destroy_num_microbatches_calculator,
+    get_num_microbatches,
+    init_num_microbatches_calculator,
+)
+from megatron.core.optimizer import (
+    OptimizerConfig,
+    ParamKey,
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
+from megatron.core.optimizer_param_scheduler import (
+    OptimizerParamScheduler,
+    ParamGroupOverride,
+    get_canonical_lr_for_logging,
+)
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+from megatron.core.utils import unwrap_model
+
+from megatron_delta import DeltaGPTModel, collect_routing_stats, get_gpt_delta_layer_spec, pipeline_seq_length
+from megatron_delta.data import DataError, build_datasets, build_tokenizer
+from megatron_delta.run_config import (
+    RunConfig,
+    RunConfigError,
+    build_transformer_config,
+    load_run_config,
+    padded_vocab_size,
+)
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: "terminated", with a checkpoint to resume from
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group and mesh
+
+
+def init_distributed(cfg: RunConfig) -> torch.device:
+    """Start torch.distributed (torchrun's env, or a one-process group) and Megatron's mesh."""
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        from megatron_delta import cpu_shim
+
+        cpu_shim.install()
+        # More than one intra-op thread per process is many times slower on small CPU hosts.
+        torch.set_num_threads(1)
+        device = torch.device("cpu")
+    if "WORLD_SIZE" not in os.environ:  # plain `megatron-delta train`: a group of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    torch.distributed.init_process_group(
+        backend="nccl" if on_gpu else "gloo",
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+    )
+    p = cfg.parallel
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+    )
+    init_num_microbatches_calculator(
+        rank=torch.distributed.get_rank(),
+        rampup_batch_size=None,
+        global_batch_size=cfg.training.global_batch_size,
+        micro_batch_size=cfg.training.micro_batch_size,
+        data_parallel_size=parallel_state.get_data_parallel_world_size(),
+    )
+    # As Megatron-LM: pipeline stages draw from different streams (otherwise every stage would
+    # initialise its first layer identically); TP ranks get their own dropout stream.
+    seed = cfg.training.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return device
+
+
+def shutdown_distributed() -> None:
+    destroy_num_microbatches_calculator()
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_logging_rank() -> bool:
+    return torch.distributed.get_rank() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and optimizer
+
+
+def build_model(cfg: RunConfig, config, vocab_size: int, on_gpu: bool) -> list:
+    """One DDP-wrapped DeltaGPTModel chunk per virtual pipeline stage of this rank."""
+    m = cfg.model
+    spec_kwargs = {"qk_layernorm": m.qk_layernorm}
+    if m.transformer_impl == "local":  # the TE spec takes the norm type from the config
+        spec_kwargs["normalization"] = m.normalization
+    spec = get_gpt_delta_layer_spec(cfg.delta, backend=m.transformer_impl, **spec_kwargs)
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=config.bf16 or config.fp16,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        model = DeltaGPTModel(
+            config=config,
+            delta=cfg.delta,
+            transformer_layer_spec=spec,
+            vocab_size=vocab_size,
+            max_sequence_length=m.max_position_embeddings or m.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+            position_embedding_type=m.position_embedding_type,
+            rotary_base=m.rotary_base,
+            vp_stage=stage,
+        )
+        for param in model.parameters():
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        if on_gpu:
+            model.cuda(torch.cuda.current_device())
+        if config.bf16 or config.fp16:
+            model = Float16Module(config, model)
+        # Only the first chunk's buffers are bucketed for overlap (as Megatron-LM).
+        chunks.append(DistributedDataParallel(config, ddp_config, model, disable_bucketing=vp_stage > 0))
+    return chunks
+
+
+def build_optimizer(cfg: RunConfig, config, model: list):
+    """Megatron's optimizer (AdamW; distributed if configured) and its warmup + decay schedule.
+    Routing parameters (names containing "router") get lr and min_lr scaled by router_lr_mult."""
+    t = cfg.training
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        params_dtype=config.params_dtype,
+        initial_loss_scale=t.initial_loss_scale,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+    )
+    # Passing overrides replaces Megatron's defaults, so start from them (no weight decay on
+    # biases and 1-D weights, which includes the routing queries and key-norm weights).
+    overrides = get_standard_config_overrides(opt_config)
+    if t.router_lr_mult != 1.0:
+        overrides[ParamKey(name="*router*")] = ParamGroupOverride(
+            max_lr=t.lr * t.router_lr_mult, min_lr=t.min_lr * t.router_lr_mult
+        )
+    optimizer = get_megatron_optimizer(opt_config, model, config_overrides=overrides)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.lr_warmup_iters,
+        lr_decay_steps=t.lr_decay_iters or t.train_iters,
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.train_iters,
+        wd_incr_style="constant",
+        # The config is the source of truth for the schedule; a checkpoint only supplies the
+        # step count (so a resumed run may extend train_iters).
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+    )
+    return optimizer, scheduler
+
+
+def wire_model_config(config, cfg: RunConfig, model: list, optimizer) -> None:
+    """The hooks forward_backward_func calls on the TransformerConfig (as Megatron-LM's setup)."""
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    if cfg.parallel.overlap_grad_reduce:
+        config.no_sync_func = [chunk.no_sync for chunk in model]
+        config.grad_sync_func = [chunk.start_grad_sync for chunk in model]
+        if len(model) == 1:
+            config.no_sync_func, config.grad_sync_func = config.no_sync_func[0], config.grad_sync_func[0]
+    if cfg.parallel.overlap_param_gather:
+        config.param_sync_func = [chunk.start_param_sync for chunk in model]
+        if len(model) == 1:
+            config.param_sync_func = config.param_sync_func[0]
+
+
+@contextlib.contextmanager
+def params_gathered(model: list, overlap_param_gather: bool):
+    """With overlap_param_gather the distributed optimizer leaves the updated parameters to be
+    all-gathered by forward pre-hooks; a checkpoint needs them gathered now."""
+    if overlap_param_gather:
+        for chunk in model:
+            chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        if overlap_param_gather:
+            for chunk in model:
+                chunk.enable_forward_pre_hook()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+class BatchSource:
+    """This data-parallel rank's micro-batches, in Megatron's sampler order: global batch i holds
+    samples [i * gbs, (i + 1) * gbs) of the dataset, and its micro-batch j on DP rank r holds
+    samples i * gbs + (j * dp + r) * mbs ... + mbs. The same global batch therefore trains on
+    the same samples whatever the data-parallel size, and resuming needs only the sample count."""
+
+    def __init__(self, dataset, micro_batch_size: int, device: torch.device, num_workers: int):
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.device = device
+        self.num_workers = num_workers
+
+    def batches(self, first_sample: int):
+        """Endless iterator over micro-batches (dicts of tensors on the device) from first_sample."""
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=self._indices(first_sample),
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for batch in loader:
+            yield {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+
+    def _indices(self, sample: int):
+        while True:
+            start = sample + self.dp_rank * self.micro_batch_size
+            yield list(range(start, start + self.micro_batch_size))
+            sample += self.micro_batch_size * self.dp_size
+
+
+def forward_step(data_iterator, model):
+    """One micro-batch through one model chunk (the schedule calls this; see Megatron-LM's
+    pretrain_gpt.forward_step). Non-first stages ignore the tokens, non-last the labels."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return output, functools.partial(token_loss, batch["loss_mask"])
+
+
+def token_loss(loss_mask, per_token_loss):
+    """(sum of masked token losses, token count, {"lm loss": [sum, count]}). With
+    calculate_per_token_loss Megatron backpropagates the sum and divides the gradients by the
+    token count of the whole global batch."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(per_token_loss.reshape(-1).float() * mask)
+    tokens = mask.sum()
+    return loss_sum, tokens.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), tokens])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation steps
+
+
+class Trainer:
+    """Runs global batches through Megatron's pipeline schedule and reduces what it reports."""
+
+    def __init__(self, cfg: RunConfig, config, model: list, optimizer, scheduler, device: torch.device):
+        self.cfg = cfg
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.device = device
+        self.forward_backward = get_forward_backward_func()
+        # Pipeline stages exchange the routing sources packed along the sequence dimension.
+        self.seq_length = pipeline_seq_length(cfg.delta, config, cfg.model.seq_length)
+
+    def _run_schedule(self, batches: list, forward_only: bool) -> torch.Tensor:
+        """[loss sum, token count] of these micro-batches on this rank (zeros off the last stage)."""
+        reported = self.forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=[iter(batches) for _ in self.model],  # every chunk sees every micro-batch
+            model=self.model,
+            num_microbatches=len(batches),
+            seq_length=self.seq_length,
+            micro_batch_size=self.cfg.training.micro_batch_size,
+            forward_only=forward_only,
+        )
+        if not reported:
+            return torch.zeros(2, device=self.device)
+        return torch.stack([item["lm loss"] for item in reported]).sum(0)
+
+    def train_step(self, batches: list, collect_routing: bool):
+        """One optimizer step on one global batch: (loss sum/count, grad norm, routing summary)."""
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        # Needed with the distributed optimizer too: otherwise param.grad aliases main_grad.
+        self.optimizer.zero_grad()
+        with collect_routing_stats(self.model) if collect_routing else contextlib.nullcontext() as stats:
+            loss = self._run_schedule(batches, forward_only=False)
+        update_successful, grad_norm, _ = self.optimizer.step()
+        if update_successful:  # fp16: a step skipped for inf/nan gradients does not advance the lr
+            self.scheduler.step(increment=1)
+        routing = gather_routing_summary(stats.summary()) if collect_routing else {}
+        return loss, grad_norm, routing
+
+    @torch.no_grad()
+    def evaluate(self, batch_source: BatchSource) -> float:
+        """Token-mean loss over the first eval_iters global batches of the validation split (the
+        same held-out samples at every evaluation), over all DP ranks."""
+        for chunk in self.model:
+            chunk.eval()
+        batches = batch_source.batches(first_sample=0)
+        total = torch.zeros(2, device=self.device)
+        for _ in range(self.cfg.training.eval_iters):
+            total += self._run_schedule([next(batches) for _ in range(get_num_microbatches())], forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        loss_sum, tokens = all_ranks_sum(total).tolist()
+        return loss_sum / tokens
+
+
+def all_ranks_sum(loss: torch.Tensor) -> torch.Tensor:
+    """Sum a [loss sum, token count] over data-parallel ranks, then over pipeline stages (only the
+    last stage holds nonzero values), so that every rank gets the global numbers."""
+    loss = loss.clone()
+    torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+    torch.distributed.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())
+    return loss
+
+
+def gather_routing_summary(local: dict) -> dict:
+    """Routing statistics of all layers: each pipeline rank measured its own layers (on its
+    data-parallel replica's tokens; the logging rank reports DP rank 0's)."""
+    parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    torch.distributed.all_gather_object(parts, local, group=parallel_state.get_pipeline_model_parallel_group())
+    return dict(sorted(item for part in parts for item in part.items()))  # depth order
+
+
+def routing_sharpness(routing: dict) -> tuple[float, float] | None:
+    """(mean max routing weight, mean routing entropy) over the sublayers that choose between at
+    least two sources (with one source the weight is trivially 1); None if there are none."""
+    routed = [stats for stats in routing.values() if stats["num_sources"] > 1]
+    if not routed:
+        return None
+    return (
+        sum(s["max_weight"] for s in routed) / len(routed),
+        sum(s["entropy"] for s in routed) / len(routed),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _rng_state() -> dict:
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def find_checkpoint(path: str) -> str | None:
+    """The complete dist-checkpoint at `path`: `path` itself, or the one its `latest` names."""
+    if dist_checkpointing.check_is_distributed_checkpoint(path):
+        return path
+    pointer = os.path.join(path, "latest")
+    if os.path.isfile(pointer):
+        with open(pointer, encoding="utf-8") as f:
+            latest = os.path.join(path, f.read().strip())
+        if dist_checkpointing.check_is_distributed_checkpoint(latest):
+            return latest
+    return None
+
+
+def _require_checkpoint(path: str, key: str) -> str:
+    found = find_checkpoint(path)
+    if found is None:
+        raise RunConfigError(
+            f"{key}={path!r} is neither a complete dist-checkpoint (metadata.json) nor a checkpoint "
+            f"directory whose `latest` names one"
+        )
+    return found
+
+
+def _chunk_keys(model: list) -> list:
+    """Megatron-LM's checkpoint keys: "model", or "model0", "model1", ... per virtual stage. The
+    tensors inside carry global layer numbers, so any mesh can load any other's checkpoint."""
+    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
+
+
+class Checkpointer:
+    """dist_checkpointing checkpoints in <dir>/iter_XXXXXXX/ with a `latest` pointer.
+
+    A save is written to iter_XXXXXXX.tmp, renamed when every rank has finished, and only then
+    named in `latest` (written to a temporary file and renamed): an interrupted save never
+    replaces the last good checkpoint. Contents: each model chunk's sharded_state_dict, the
+    optimizer's sharded_state_dict, scheduler, per-rank RNG states, iteration, consumed samples
+    and the mesh; the resolved run config is saved beside them as run_config.yaml. Loading on
+    another mesh reshards (RNG states are then left as seeded).
+    """
+
+    def __init__(self, cfg: RunConfig, model: list, optimizer, scheduler):
+        self.cfg = cfg
+        self.dir = cfg.checkpoint_dir
+        self.model = model
+        self.chunks = {key: unwrap_model(chunk) for key, chunk in zip(_chunk_keys(model), model)}
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.mesh = {
+            "tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "dp": parallel_state.get_data_parallel_world_size(),
+            "vpp": cfg.parallel.virtual_pipeline_model_parallel_size,
+        }
+        self.last_saved_iteration = None
+
+    @staticmethod
+    def starting_point(cfg: RunConfig) -> tuple[str | None, bool]:
+        """(checkpoint to start from or None, weights only?), checked before any process starts:
+        checkpoint.resume (auto: this run's latest checkpoint, if any), else checkpoint.load."""
+        ck = cfg.checkpoint
+        if ck.resume == "auto":
+            own = find_checkpoint(cfg.checkpoint_dir)
+            if own is not None:
+                return own, False
+        elif ck.resume is not None:
+            return _require_checkpoint(ck.resume, "checkpoint.resume"), False
+        if ck.load is not None:
+            return _require_checkpoint(ck.load, "checkpoint.load"), ck.finetune
+        return None, False
+
+    def _model_state(self) -> dict:
+        return {key: chunk.sharded_state_dict() for key, chunk in self.chunks.items()}
+
+    def _load_model(self, loaded: dict) -> None:
+        for key, chunk in self.chunks.items():
+            chunk.load_state_dict(loaded[key])
+
+    def _sharded_state_dict(self, is_loading: bool, with_rng: bool) -> dict:
+        state = self._model_state()
+        state["optimizer"] = self.optimizer.sharded_state_dict(
+            dict(state),
+            is_loading=is_loading,
+            metadata={
+                "distrib_optim_sharding_type": self.cfg.checkpoint.distributed_optimizer_format,
+                "chained_optim_avoid_prefix": True,
+            },
+        )
+        if with_rng:
+            state["rng_state"] = ShardedObject(
+                "rng_state",
+                _rng_state(),
+                (self.mesh["pp"], self.mesh["tp"], self.mesh["dp"]),
+                (
+                    parallel_state.get_pipeline_model_parallel_rank(),
+                    parallel_state.get_tensor_model_parallel_rank(),
+                    parallel_state.get_data_parallel_rank(),
+                ),
+                replica_id=0,
+            )
+        return state
+
+    def save(self, iteration: int, consumed_samples: int) -> str | None:
+        """Save unless this iteration already is; returns the checkpoint directory written."""
+        if self.last_saved_iteration == iteration:
+            return None
+        name = f"iter_{iteration:07d}"
+        final, tmp = os.path.join(self.dir, name), os.path.join(self.dir, f"{name}.tmp")
+        rank0 = torch.distributed.get_rank() == 0
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
+            os.makedirs(tmp)
+        torch.distributed.barrier()
+        with params_gathered(self.model, self.cfg.parallel.overlap_param_gather):
+            state = self._sharded_state_dict(is_loading=False, with_rng=True)
+        state.update(
+            scheduler=self.scheduler.state_dict(),
+            iteration=iteration,
+            consumed_train_samples=consumed_samples,
+            mesh=self.mesh,
+        )
+        dist_checkpointing.save(state, tmp)  # ends with a barrier over all ranks
+        if rank0:
+            _write_atomically(os.path.join(tmp, "run_config.yaml"), self.cfg.to_yaml())
+            # A run resumed from an older checkpoint may reach an iteration saved before: keep
+            # that copy until the new one is in place.
+            replaced = f"{final}.replaced"
+            if os.path.exists(final):
+                os.rename(final, replaced)
+            os.rename(tmp, final)
+            _write_atomically(os.path.join(self.dir, "latest"), name)
+            shutil.rmtree(replaced, ignore_errors=True)
+        torch.distributed.barrier()
+        self.last_saved_iteration = iteration
+        return final
+
+    def load(self, path: str, weights_only: bool) -> tuple[int, int]:
+        """Restore from `path`; returns (iteration, consumed samples) to continue from."""
+        if weights_only:
+            self._load_model(dist_checkpointing.load(self._model_state(), path))
+            # fp32 main copies of bf16/fp16 weights were taken when the optimizer was built.
+            self.optimizer.reload_model_params()
+            return 0, 0
+        common = dist_checkpointing.load_common_state_dict(path)
+        same_mesh = common["mesh"] == self.mesh
+        loaded = dist_checkpointing.load(self._sharded_state_dict(is_loading=True, with_rng=same_mesh), path)
+        self._load_model(loaded)
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.load_state_dict(loaded["scheduler"])
+        if same_mesh:
+            _set_rng_state(loaded["rng_state"])
+        if os.path.realpath(os.path.dirname(os.path.normpath(path))) == os.path.realpath(self.dir):
+            self.last_saved_iteration = common["iteration"]
+        return common["iteration"], common["consumed_train_samples"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging and signals
+
+
+def _clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class MetricsLogger:
+    """Rank 0 writes the console lines, <logging.dir>/metrics.jsonl (one JSON object per event;
+    a resumed run appends, so a step may appear twice: the later line wins) and TensorBoard
+    scalars under <logging.dir>/tensorboard."""
+
+    def __init__(self, cfg: RunConfig):
+        self.enabled = is_logging_rank()
+        self.jsonl = self.tensorboard = None
+        if not self.enabled:
+            return
+        os.makedirs(cfg.logging.dir, exist_ok=True)
+        self.jsonl = open(os.path.join(cfg.logging.dir, "metrics.jsonl"), "a", encoding="utf-8")
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(os.path.join(cfg.logging.dir, "tensorboard"))
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def record(self, step: int, values: dict, routing: dict | None = None) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values, **({"routing": routing} if routing else {})}) + "\n")
+        self.jsonl.flush()
+        if self.tensorboard is not None:
+            for name, value in values.items():
+                self.tensorboard.add_scalar(name, value, step)
+            for label, stats in (routing or {}).items():
+                self.tensorboard.add_scalar(f"routing_max_weight/{label}", stats["max_weight"], step)
+                self.tensorboard.add_scalar(f"routing_entropy/{label}", stats["entropy"], step)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+class PreemptionFlag:
+    """SIGTERM (preemption, job time limit, torchrun shutting down) and SIGUSR1 (e.g. SLURM's
+    `--signal=USR1@120` warning) only set a flag; at every step boundary the ranks agree on it
+    with an all-reduce, so that all of them save the same iteration and exit together."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.received = False
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([int(self.received)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def parameter_count(model: list) -> tuple[int, int]:
+    """(all parameters, routing parameters) of the whole model, summed over TP and PP ranks;
+    the tied output-layer copy on the last pipeline stage is not counted twice."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    counts = torch.zeros(2, dtype=torch.float64)
+    for chunk in model:
+        for name, param in chunk.named_parameters():
+            if getattr(param, "shared", False):
+                continue
+            numel = param.numel() * (tp if getattr(param, "tensor_model_parallel", False) else 1)
+            counts += torch.tensor([numel, numel if "router" in name else 0], dtype=torch.float64)
+    parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    torch.distributed.all_gather_object(parts, counts.tolist(), group=parallel_state.get_pipeline_model_parallel_group())
+    return int(sum(p[0] for p in parts)), int(sum(p[1] for p in parts))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def train(cfg: RunConfig, start_from: str | None = None, weights_only: bool = False) -> int:
+    device = init_distributed(cfg)
+    try:
+        return _run(cfg, start_from, weights_only, device)
+    finally:
+        shutdown_distributed()
+
+
+def _run(cfg: RunConfig, start_from: str | None, weights_only: bool, device: torch.device) -> int:
+    t, m = cfg.training, cfg.model
+    on_gpu = device.type == "cuda"
+    log = MetricsLogger(cfg)
+    config = build_transformer_config(cfg, on_gpu)
+
+    tokenizer = build_tokenizer(cfg.data)
+    eval_samples = t.eval_iters * t.global_batch_size
+    train_set, valid_set, _ = build_datasets(
+        cfg.data, tokenizer, m.seq_length, (t.train_iters * t.global_batch_size, eval_samples, eval_samples), t.seed
+    )
+    model = build_model(cfg, config, padded_vocab_size(cfg, tokenizer.vocab_size), on_gpu)
+    optimizer, scheduler = build_optimizer(cfg, config, model)
+    wire_model_config(config, cfg, model, optimizer)
+    checkpointer = Checkpointer(cfg, model, optimizer, scheduler)
+    trainer = Trainer(cfg, config, model, optimizer, scheduler, device)
+
+    params, router_params = parameter_count(model)
+    mesh = checkpointer.mesh
+    layout = f"tp {mesh['tp']} pp {mesh['pp']}" + (f" vpp {mesh['vpp']}" if mesh["vpp"] else "")
+    layout += f" dp {mesh['dp']}" + (" sp" if cfg.parallel.sequence_parallel else "")
+    backend = f"{torch.distributed.get_world_size()} GPU process(es), nccl, {t.precision}" if on_gpu else (
+        f"{torch.distributed.get_world_size()} CPU process(es), gloo, fp32")
+    log.print(
+        f"megatron-delta train: {cfg.delta.variant} | {m.num_layers} layers, hidden {m.hidden_size}, "
+        f"{params / 1e6:.2f}M params ({router_params / 1e3:.1f}K routing) | {layout} on {backend} | "
+        f"{get_num_microbatches()} micro-batch(es) of {t.micro_batch_size} x {m.seq_length} tokens per rank and step"
+    )
+    if not on_gpu and t.precision != "fp32":
+        log.print(f"note: training.precision={t.precision} needs a GPU; this CPU run uses fp32")
+
+    iteration, consumed = 0, 0
+    if start_from is not None:
+        iteration, consumed = checkpointer.load(start_from, weights_only)
+        log.print(f"loaded model weights from {start_from}" if weights_only else
+                  f"resumed from {start_from}: iteration {iteration}, {consumed} samples consumed")
+    train_batches = BatchSource(train_set, t.micro_batch_size, device, cfg.data.num_workers).batches(consumed)
+    valid_batches = BatchSource(valid_set, t.micro_batch_size, device, cfg.data.num_workers)
+    preemption = PreemptionFlag(device)
+
+    tokens_per_step = t.global_batch_size * m.seq_length
+    start = interval_start = time.time()
+    start_iteration = interval_start_iteration = iteration
+    interval_loss = torch.zeros(2, device=device)
+    train_loss = val_loss = None
+    routing = {}
+    while iteration < t.train_iters:
+        log_now = (iteration + 1) % cfg.logging.log_interval == 0 or iteration + 1 == t.train_iters
+        batches = [next(train_batches) for _ in range(get_num_microbatches())]
+        loss, grad_norm, step_routing = trainer.train_step(batches, collect_routing=log_now)
+        iteration += 1
+        consumed += t.global_batch_size
+        interval_loss += loss
+
+        if log_now:
+            loss_sum, tokens = all_ranks_sum(interval_loss).tolist()
+            train_loss = loss_sum / tokens
+            interval_loss.zero_()
+            now = time.time()
+            steps = iteration - interval_start_iteration
+            seconds_per_step = (now - start) / (iteration - start_iteration)
+            values = {
+                "loss": train_loss,
+                "lr": get_canonical_lr_for_logging(optimizer.param_groups),
+                "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                "tokens_per_s": steps * tokens_per_step / (now - interval_start),
+                "elapsed_s": now - start,
+            }
+            line = (
+                f"step {iteration:>{len(str(t.train_iters))}}/{t.train_iters} | loss {train_loss:.4f} | "
+                f"lr {values['lr']:.2e} | grad norm {values['grad_norm']:.3f} | "
+                f"{values['tokens_per_s'] / 1e3:.1f}k tok/s | {_clock(now - start)} elapsed, "
+                f"ETA {_clock((t.train_iters - iteration) * seconds_per_step)}"
+            )
+            sharpness = routing_sharpness(step_routing)
+            if sharpness:
+                routing = step_routing
+                values["routing_max_weight"], values["routing_entropy"] = sharpness
+                line += f" | routing max-w {sharpness[0]:.3f} H {sharpness[1]:.3f}"
+            log.print(line)
+            log.record(iteration, values, routing=step_routing)
+            interval_start, interval_start_iteration = now, iteration
+
+        if t.eval_interval and iteration % t.eval_interval == 0 and iteration < t.train_iters:
+            val_loss = trainer.evaluate(valid_batches)
+            log.print(f"eval at step {iteration} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
+            log.record(iteration, {"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+
+        if preemption.any_rank():
+            checkpointer.save(iteration, consumed)
+            log.print(f"stop signal received: checkpoint of step {iteration} in {checkpointer.dir}; exiting "
+                      f"with {EXIT_PREEMPTED} (continue with --resume auto)")
+            log.close()
+            return EXIT_PREEMPTED
+        if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
+            log.print(f"saved {checkpointer.save(iteration, consumed)}")
+
+    val_loss = trainer.evaluate(valid_batches)
+    log.record(iteration, {"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+    if cfg.checkpoint.save_on_exit and (path := checkpointer.save(iteration, consumed)):
+        log.print(f"saved {path}")
+    summary = f"done: {iteration} steps in {_clock(time.time() - start)}"
+    if train_loss is not None:
+        summary += f" | train loss {train_loss:.4f}"
+    summary += f" | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}"
+    if routing:
+        max_weight, entropy = routing_sharpness(routing)
+        routed = sum(stats["num_sources"] > 1 for stats in routing.values())
+        summary += (f" | routing: mean max weight {max_weight:.3f}, entropy {entropy:.3f} over the "
+                    f"{routed} sublayers with 2+ sources (see megatron-delta plot-routing {cfg.logging.dir})")
+    log.print(summary)
+    log.close()
+    return 0
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="megatron-delta train",
+        description="Pre-train a Delta Attention Residuals GPT with Megatron-Core. "
+        "Multi-process: torchrun --nproc_per_node=N -m megatron_delta.train --config ...",
+        epilog=f"exit status: 0 done, 2 bad config, {EXIT_PREEMPTED} stopped by SIGTERM/SIGUSR1 after "
+        "saving a checkpoint (rerun with --resume auto)",
+    )
+    parser.add_argument("--config", required=True, help="run config YAML (see examples/configs)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (YAML syntax), repeatable: --set training.lr=3e-4")
+    parser.add_argument("--resume", metavar="auto|PATH",
+                        help="auto: continue from the latest complete checkpoint if there is one; "
+                        "PATH: from that checkpoint (same as --set checkpoint.resume=...)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = args.set + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    try:
+        cfg = load_run_config(args.config, overrides)
+        cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        start_from, weights_only = Checkpointer.starting_point(cfg)
+    except (RunConfigError, DataError, OSError) as e:
+        print(f"megatron-delta train: error: {e}", file=sys.stderr)
+        return 2
+    return train(cfg, start_from, weights_only)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

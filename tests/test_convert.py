@@ -1,0 +1,448 @@
+"""Hugging Face <-> Megatron conversion (megatron_delta.convert).
+
+Tiny random Qwen3 (tied embeddings, q/k norms, head_dim != hidden / heads, GQA, sharded
+safetensors) and Llama (untied, GQA, a vocabulary that needs padding) models are built with
+`transformers` from a config and saved locally: nothing is downloaded.
+
+- TP=1: the converted checkpoint, loaded into a freshly initialised model, gives the HF logits on
+  the real vocabulary and the HF loss (with the zero logits of the padded classes), for standard,
+  delta and delta_block; opening the gates changes them (the parity is not vacuous).
+- TP=2 x PP=2: four real processes over gloo (torchrun) load the same checkpoint (converted in
+  one process: dist_checkpointing reshards at load) and run Megatron's pipeline schedule.
+- export -> import and import -> export are exact (bit-equal tensors).
+- A converted model fine-tuned by `megatron-delta train` starts at the HF model's loss.
+
+Run this file as a script under torchrun for the mesh worker (see test_tp2_pp2_mesh_...).
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from megatron_delta import cpu_shim
+
+cpu_shim.install()
+
+from megatron.core import dist_checkpointing, parallel_state  # noqa: E402
+
+from megatron_delta import DeltaResidualConfig, convert, pipeline_seq_length  # noqa: E402
+from megatron_delta.run_config import ModelConfig, load_run_config  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ, BATCH, MICRO_BATCH = 16, 4, 2
+TOLERANCE = 1e-5  # relative (max |diff| / max |reference|), fp32; observed <= 1e-6
+
+# name -> (transformers config class, kwargs, save_pretrained max_shard_size)
+HF_MODELS = {
+    "qwen3": ("Qwen3Config", dict(
+        vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, max_position_embeddings=128, tie_word_embeddings=True,
+        rms_norm_eps=1e-6, rope_theta=10000.0, initializer_range=0.05,
+    ), "40KB"),
+    "llama": ("LlamaConfig", dict(
+        vocab_size=300, hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        rope_theta=50000.0, initializer_range=0.05,
+    ), "10GB"),
+}
+HF_MODULES = {}  # name -> the transformers module, filled by the hf_models fixture
+# Qwen3-0.6B's config.json (for the fine-tuning recipe's model section).
+QWEN3_0_6B = {
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024,
+    "initializer_range": 0.02, "intermediate_size": 3072, "max_position_embeddings": 40960,
+    "max_window_layers": 28, "model_type": "qwen3", "num_attention_heads": 16, "num_hidden_layers": 28,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+    "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_process_world():
+    torch.set_num_threads(1)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    yield
+    parallel_state.destroy_model_parallel()
+
+
+def reference_ce(logits: torch.Tensor, labels: torch.Tensor, padded_vocab: int) -> torch.Tensor:
+    """Per-token cross entropy of HF logits over the padded vocabulary (padded classes: logit 0)."""
+    padded = torch.nn.functional.pad(logits.double(), (0, padded_vocab - logits.shape[-1]))
+    per_token = torch.nn.functional.cross_entropy(padded.flatten(0, 1), labels.flatten(), reduction="none")
+    return per_token.view(labels.shape)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """{name: directory} of the tiny HF models; each holds reference.pt: tokens, labels, HF logits.
+    The modules go to HF_MODULES: from_pretrained is not used, because under cpu_shim it leaves the
+    rotary inv_freq buffer of transformers 5 models uninitialised."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("hf")
+    dirs = {}
+    for seed, (name, (config_class, kwargs, shard_size)) in enumerate(HF_MODELS.items()):
+        torch.manual_seed(seed)
+        config = getattr(transformers, config_class)(**kwargs)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():  # norms initialise to 1: make them distinct, so a swapped norm shows
+            for param_name, param in model.named_parameters():
+                if "norm" in param_name:
+                    param.copy_(1 + 0.3 * torch.randn_like(param))
+        path = root / name
+        model.save_pretrained(path, max_shard_size=shard_size)
+        ids = torch.randint(0, config.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(seed))
+        tokens, labels = ids[:, :-1], ids[:, 1:]
+        with torch.no_grad():
+            logits = model(tokens).logits
+        torch.save({"tokens": tokens, "labels": labels, "logits": logits}, path / "reference.pt")
+        dirs[name] = str(path)
+        HF_MODULES[name] = model
+    return dirs
+
+
+def load_converted(checkpoint: str, seed: int = 99):
+    """A fresh TP=1 model (its own random init) with the checkpoint loaded, in eval mode."""
+    record = json.load(open(os.path.join(checkpoint, convert.CONVERSION_FILE)))
+    model = convert.build_model(
+        ModelConfig(**record["model"]), DeltaResidualConfig(**record["delta"]),
+        convert.transformer_config_from_hf(record["hf_config"]), seed=seed,
+    )
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, checkpoint)
+    model.load_state_dict(loaded["model"])
+    return model.eval()
+
+
+def forward(model, tokens, labels=None):
+    position_ids = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
+    with torch.no_grad():
+        return model(tokens, position_ids, None, labels=labels)
+
+
+def subprocess_env() -> dict:
+    """One thread per process; the megatron_delta under test (not another installed copy)."""
+    path = os.pathsep.join([REPO] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours.double() - reference.double()).abs().max() / reference.double().abs().max()).item()
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+def test_qkv_weight_interleaves_query_groups_like_megatron():
+    """4 query heads in 2 groups, head dim 3: rows [q0 q1 k0 v0 | q2 q3 k1 v1] (the classic bug is
+    [q0..q3 k0 k1 v0 v1])."""
+    layout = convert.WeightLayout(num_layers=1, hidden_size=5, num_heads=4, num_query_groups=2, head_dim=3,
+                                  vocab_size=8, padded_vocab_size=8, tied=True, qk_layernorm=False)
+
+    def labelled(kind, heads):  # row r of head h of kind k: value 100 k + 10 h + r
+        return torch.stack([torch.full((5,), 100.0 * kind + 10 * h + r) for h in range(heads) for r in range(3)])
+
+    q, k, v = labelled(1, 4), labelled(2, 2), labelled(3, 2)
+    qkv = convert.interleave_qkv(q, k, v, layout)
+    expected = [(1, 0), (1, 1), (2, 0), (3, 0), (1, 2), (1, 3), (2, 1), (3, 1)]
+    assert qkv[:, 0].tolist() == [100.0 * kind + 10 * h + r for kind, h in expected for r in range(3)]
+    for ours, original in zip(convert.split_qkv(qkv, layout), (q, k, v)):
+        assert torch.equal(ours, original)
+
+
+def test_qwen3_0_6b_config_gives_the_recipe_model_section():
+    """The fine-tuning recipe's model section is what the converter derives from Qwen3-0.6B."""
+    derived = dataclasses.asdict(convert.model_config_from_hf(QWEN3_0_6B))
+    recipe = load_run_config(os.path.join(REPO, "examples/configs/finetune_qwen3_0.6b_delta_block.yaml"))
+    assert dataclasses.asdict(recipe.model) == derived
+    assert derived["kv_channels"] == 128 and derived["vocab_size"] == 151936  # head_dim, no padding needed
+    assert recipe.delta == DeltaResidualConfig(variant="delta_block", num_blocks=4, init="identity")
+    assert recipe.training.router_lr_mult == 100.0
+    recipe.validate(world_size=8)
+    convert.check_layout(recipe.model, recipe.delta, 2, 2, None)  # 8 kv heads and 28 layers fit TP2 x PP2
+
+
+# ---------------------------------------------------------------------------------------------- TP=1 parity
+
+@pytest.mark.parametrize("name", list(HF_MODELS))
+@pytest.mark.parametrize("variant", ["standard", "delta", "delta_block"])
+def test_converted_model_computes_the_hf_logits_and_loss(hf_models, tmp_path, name, variant):
+    checkpoint = str(tmp_path / "ckpt")
+    assert convert.main(["import", "--hf-dir", hf_models[name], "--output", checkpoint, "--variant", variant,
+                         "--num-blocks", "2", "--tp", "2", "--pp", "2"]) == 0
+    reference = torch.load(os.path.join(hf_models[name], "reference.pt"))
+    model = load_converted(checkpoint)
+    vocab = reference["logits"].shape[-1]
+    padded_vocab = model.vocab_size
+    assert padded_vocab == 384  # qwen3: 384 already a multiple of 128; llama: 300 padded to 384
+
+    logits = forward(model, reference["tokens"])
+    assert relative_error(logits[..., :vocab], reference["logits"]) < TOLERANCE
+    assert torch.equal(logits[..., vocab:], torch.zeros_like(logits[..., vocab:]))  # padded rows are zero
+    loss = forward(model, reference["tokens"], reference["labels"])
+    assert relative_error(loss, reference_ce(reference["logits"], reference["labels"], padded_vocab)) < TOLERANCE
+
+    gates = [p for n, p in model.named_parameters() if n.endswith(".gate")]
+    assert len(gates) == (0 if variant == "standard" else 2 * 4) and all(g.item() == 0.0 for g in gates)
+
+
+def test_open_gates_change_the_logits(hf_models, tmp_path):
+    """The routing is live in the converted model: a gate of 1 moves the logits far beyond the tolerance."""
+    checkpoint = str(tmp_path / "ckpt")
+    convert.import_hf(hf_models["qwen3"], checkpoint, DeltaResidualConfig("delta_block", 2, init="identity"))
+    reference = torch.load(os.path.join(hf_models["qwen3"], "reference.pt"))
+    model = load_converted(checkpoint)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".gate"):
+                param.fill_(1.0)
+    assert relative_error(forward(model, reference["tokens"]), reference["logits"]) > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+
+@pytest.mark.parametrize("name, variant", [("qwen3", "delta_block"), ("llama", "delta")])
+def test_export_import_round_trips_are_exact(hf_models, tmp_path, name, variant):
+    source = hf_models[name]
+    first = str(tmp_path / "first")
+    convert.import_hf(source, first, DeltaResidualConfig(variant, 2, init="identity"))
+
+    # import -> export gives back the original HF tensors, bit for bit (dtype included).
+    exported = str(tmp_path / "exported")
+    assert convert.main(["export", "--checkpoint", first, "--output", exported, "--hf-dir", source,
+                         "--max-shard-size", "40KB"]) == 0
+    original, back = convert.read_hf_weights(source), convert.read_hf_weights(exported)
+    assert original.keys() == back.keys()
+    for key in original:
+        assert original[key].dtype == back[key].dtype and torch.equal(original[key], back[key]), key
+    assert open(os.path.join(source, "config.json")).read() == open(os.path.join(exported, "config.json")).read()
+    assert os.path.exists(os.path.join(exported, convert.HF_INDEX))  # sharded above 40KB
+
+    # A "trained" checkpoint (every routing parameter moved off its init) -> export -> import.
+    model = load_converted(first)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            param.add_(torch.randn_like(param) * (1.0 if "router" in param_name else 0.01))
+    trained = str(tmp_path / "trained")
+    os.makedirs(trained)
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, trained)
+    json.dump(json.load(open(os.path.join(first, convert.CONVERSION_FILE))),
+              open(os.path.join(trained, convert.CONVERSION_FILE), "w"))
+    trained_hf, again = str(tmp_path / "trained_hf"), str(tmp_path / "again")
+    written = convert.export_hf(trained, trained_hf)  # no --hf-dir: the conversion record has the config
+    assert {convert.ROUTING_WEIGHTS, convert.ROUTING_CONFIG, "config.json"} <= set(written)
+    routing = json.load(open(os.path.join(trained_hf, convert.ROUTING_CONFIG)))
+    assert (routing["variant"], routing["num_blocks"], routing["init"]) == (variant, 2, "identity")
+    routing_keys = set(load_file(os.path.join(trained_hf, convert.ROUTING_WEIGHTS)))
+    assert routing_keys == {f"model.layers.{i}.{sub}_router.{p}" for i in range(4) for sub in ("attention", "mlp")
+                            for p in ("query", "key_norm_weight", "gate")}
+    convert.import_hf(trained_hf, again)  # variant and routing parameters from delta_routing.*
+    restored = load_converted(again, seed=5)
+    vocab = original["model.embed_tokens.weight"].shape[0]
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), restored.named_parameters()):
+        assert n1 == n2
+        if n1 in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            # The padding rows are no part of the HF vocabulary: not exported, zero again.
+            assert torch.equal(p2[vocab:], torch.zeros_like(p2[vocab:])), n1
+            p1, p2 = p1[:vocab], p2[:vocab]
+        assert torch.equal(p1, p2), n1
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def edited_copy(source: str, tmp_path, **changes) -> str:
+    import shutil
+
+    path = tmp_path / "edited"
+    shutil.copytree(source, path)
+    config = json.load(open(path / "config.json"))
+    config.update(changes)
+    json.dump(config, open(path / "config.json", "w"))
+    return str(path)
+
+
+@pytest.mark.parametrize("changes, args, message", [
+    (dict(model_type="mistral"), [], "model_type='mistral' is not supported"),
+    (dict(attention_bias=True), [], "attention_bias=True: q/k/v/o biases are not supported"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), [],
+     "rope_type='llama3' is not supported"),
+    ({}, ["--tp", "3"], "is not divisible by --tp 3"),
+    ({}, ["--pp", "3"], "num_hidden_layers=4 is not divisible by --pp x --vpp = 3 x 1"),
+    ({}, ["--variant", "attnres_block"], "--variant attnres_block (init='reference') cannot start from a pretrained"),
+    ({}, ["--variant", "delta_block", "--num-blocks", "3"], "delta.num_blocks=3 with num_layers=4"),
+])
+def test_bad_input_fails_early_with_one_line(hf_models, tmp_path, capsys, changes, args, message):
+    hf_dir = edited_copy(hf_models["qwen3"], tmp_path, **changes)
+    output = str(tmp_path / "out")
+    assert convert.main(["import", "--hf-dir", hf_dir, "--output", output, *args]) == 1
+    stderr = capsys.readouterr().err.splitlines()
+    errors = [line for line in stderr if line.startswith("megatron-delta convert: error:")]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not os.path.exists(output)
+
+
+def test_existing_output_is_not_overwritten(hf_models, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep").write_text("x")
+    with pytest.raises(convert.ConvertError, match="exists and is not empty"):
+        convert.import_hf(hf_models["qwen3"], str(output))
+
+
+# ---------------------------------------------------------------------------------------------- TP2 x PP2
+
+def test_tp2_pp2_mesh_loads_the_one_process_checkpoint(hf_models, tmp_path):
+    """Converted once, in one process; loaded by 4 torchrun ranks (TP=2 x PP=2) whose pipeline
+    schedule (forward_only, seq_length=pipeline_seq_length) gives the HF logits and loss."""
+    cases = []
+    for name, variant in (("qwen3", "delta_block"), ("llama", "delta")):
+        checkpoint = str(tmp_path / f"{name}_{variant}")
+        convert.import_hf(hf_models[name], checkpoint, DeltaResidualConfig(variant, 2, init="identity"),
+                          tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+        cases.append({"name": f"{name}/{variant}", "checkpoint": checkpoint,
+                      "reference": os.path.join(hf_models[name], "reference.pt")})
+    out = tmp_path / "results"
+    out.mkdir()
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+               os.path.abspath(__file__), "--mesh-worker", str(out), str(tmp_path / "cases.json")]
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = process.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        log, _ = process.communicate()
+        pytest.fail(f"mesh run timed out:\n{log[-4000:]}")
+    assert process.returncode == 0, "\n".join([log[-3000:], "errors:"] + [l for l in log.splitlines() if "Error" in l])
+    results = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(4)]
+    last_stage = [r for r in results if r["last_stage"]]
+    assert len(last_stage) == 2  # the two TP ranks of pipeline stage 1
+    for result in last_stage:
+        for case in cases:
+            errors = result["errors"][case["name"]]
+            assert errors["logits"] < TOLERANCE and errors["loss"] < TOLERANCE, (case["name"], errors)
+            assert errors["padded_logits"] == 0.0
+
+
+def _mesh_worker(out_dir: str, cases_file: str) -> None:
+    """One rank of the TP=2 x PP=2 run (launched by torchrun)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    errors = {}
+    for case in json.load(open(cases_file)):
+        record = json.load(open(os.path.join(case["checkpoint"], convert.CONVERSION_FILE)))
+        delta = DeltaResidualConfig(**record["delta"])
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+        config = convert.transformer_config_from_hf(record["hf_config"], 2, 2)
+        model = convert.build_model(
+            ModelConfig(**record["model"]), delta, config, seed=99,
+            pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
+        )
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, case["checkpoint"])
+        model.load_state_dict(loaded["model"])
+        model.eval()
+        reference = torch.load(case["reference"])
+        microbatches = [{key: reference[key][i:i + MICRO_BATCH] for key in ("tokens", "labels")}
+                        for i in range(0, BATCH, MICRO_BATCH)]
+
+        def run_schedule(with_labels: bool):
+            def forward_step(data_iterator, chunk):
+                batch = next(data_iterator)
+                position_ids = torch.arange(SEQ).expand(MICRO_BATCH, -1)
+                output = chunk(batch["tokens"], position_ids, None, labels=batch["labels"] if with_labels else None)
+
+                def collect(output):
+                    # Per-token losses as they are; logits are split over TP ranks along the vocabulary.
+                    full = output if with_labels else gather_from_tensor_model_parallel_region(output)
+                    return output.sum() * 0.0, {"out": full.detach().clone()}
+
+                return output, collect
+
+            with torch.no_grad():
+                reported = get_forward_backward_func()(
+                    forward_step_func=forward_step, data_iterator=iter(microbatches), model=[model],
+                    num_microbatches=len(microbatches), seq_length=pipeline_seq_length(delta, config, SEQ),
+                    micro_batch_size=MICRO_BATCH, forward_only=True,
+                )
+            return torch.cat([item["out"] for item in reported]) if reported else None
+
+        logits, loss = run_schedule(with_labels=False), run_schedule(with_labels=True)
+        if parallel_state.is_pipeline_last_stage():
+            vocab = reference["logits"].shape[-1]
+            expected_loss = reference_ce(reference["logits"], reference["labels"], logits.shape[-1])
+            errors[case["name"]] = {
+                "logits": relative_error(logits[..., :vocab], reference["logits"]),
+                "padded_logits": logits[..., vocab:].abs().max().item() if logits.shape[-1] > vocab else 0.0,
+                "loss": relative_error(loss, expected_loss),
+            }
+        parallel_state.destroy_model_parallel()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"last_stage": bool(errors), "errors": errors}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+
+def test_finetuning_a_converted_model_starts_at_the_hf_loss(hf_models, tmp_path):
+    """`megatron-delta train` on examples/configs/finetune_tiny_cpu.yaml with the converted tiny
+    Qwen3: the loss of step 1 (computed before the first update) equals the HF model's loss on
+    the same global batch; the routing parameters train; the result exports back to HF layout."""
+    from megatron_delta.data import build_datasets, build_tokenizer
+
+    checkpoint = str(tmp_path / "converted")
+    assert convert.main(["import", "--hf-dir", hf_models["qwen3"], "--output", checkpoint, "--variant",
+                         "delta_block", "--num-blocks", "2"]) == 0
+    recipe = os.path.join(REPO, "examples/configs/finetune_tiny_cpu.yaml")
+    overrides = [f"checkpoint.load={checkpoint}", f"logging.dir={tmp_path / 'run'}",
+                 f"data.cache_dir={tmp_path / 'data'}"]
+    cfg = load_run_config(recipe, overrides)
+    # The recipe's model section is the converted model's.
+    assert dataclasses.asdict(cfg.model) | {"seq_length": 0} == json.load(
+        open(os.path.join(checkpoint, convert.CONVERSION_FILE)))["model"] | {"seq_length": 0}
+
+    command = [sys.executable, "-m", "megatron_delta.cli", "train", "--config", recipe]
+    command += [arg for item in overrides for arg in ("--set", item)]
+    run = subprocess.run(command, cwd=REPO, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    first_loss = next(m["loss"] for m in metrics if m["step"] == 1 and "loss" in m)
+
+    t = cfg.training
+    eval_samples = t.eval_iters * t.global_batch_size
+    train_set, _, _ = build_datasets(cfg.data, build_tokenizer(cfg.data), cfg.model.seq_length,
+                                     (t.train_iters * t.global_batch_size, eval_samples, eval_samples), t.seed)
+    batch = [train_set[i] for i in range(t.global_batch_size)]
+    tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in batch]).long()
+    labels = torch.stack([torch.as_tensor(s["labels"]) for s in batch]).long()
+    mask = torch.stack([torch.as_tensor(s["loss_mask"]) for s in batch]).double()
+    with torch.no_grad():
+        logits = HF_MODULES["qwen3"](tokens).logits
+    hf_loss = (reference_ce(logits, labels, cfg.model.vocab_size) * mask).sum() / mask.sum()
+    assert abs(first_loss - hf_loss.item()) / hf_loss.item() < TOLERANCE, (first_loss, hf_loss.item())
+
+    # The trainer's checkpoint (iteration 3) exports to HF layout with trained, nonzero gates.
+    exported = str(tmp_path / "exported")
+    convert.export_hf(str(tmp_path / "run" / "checkpoints"), exported, hf_dir=hf_models["qwen3"])
+    gates = [v for k, v in load_file(os.path.join(exported, convert.ROUTING_WEIGHTS)).items() if k.endswith(".gate")]
+    assert len(gates) == 8 and all(g.abs().item() > 0 for g in gates)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--mesh-worker"]:
+        _mesh_worker(*sys.argv[2:4])

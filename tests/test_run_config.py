@@ -1,0 +1,147 @@
+"""Run config parsing and the checks made before any process group starts (no torch.distributed)."""
+
+import dataclasses
+import glob
+import os
+
+import pytest
+
+from megatron_delta.run_config import RunConfigError, from_dict, load_run_config, padded_vocab_size
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "examples", "configs")
+TINY = os.path.join(CONFIGS, "tiny_cpu.yaml")
+
+
+def config_path(name):
+    return os.path.join(CONFIGS, name)
+
+
+def test_tiny_config_loads_with_typed_overrides():
+    cfg = load_run_config(TINY, ["training.lr=3e-4", "data.blend=null", "parallel.sequence_parallel=false",
+                                 "training.eval_interval=null", "model.num_query_groups=2"])
+    assert cfg.training.lr == 3e-4 and isinstance(cfg.training.lr, float)  # YAML reads "3e-4" as a string
+    assert cfg.data.blend is None and cfg.training.eval_interval is None
+    assert cfg.model.num_query_groups == 2
+    assert cfg.delta.variant == "delta_block" and cfg.delta.num_blocks == 2
+    cfg.validate(world_size=1)
+    # The resolved config written next to checkpoints reads back to the same config.
+    assert from_dict(__import__("yaml").safe_load(cfg.to_yaml())) == cfg
+
+
+@pytest.mark.parametrize("override, named", [
+    ("training.lrr=1", "training.lrr"),
+    ("trainin.lr=1", "trainin"),
+    ("model.num_layers=4.5", "model.num_layers"),
+    ("model.num_layers=true", "model.num_layers"),
+    ("training.lr=fast", "training.lr"),
+    ("parallel.sequence_parallel=1", "parallel.sequence_parallel"),
+    ("model.normalization=BatchNorm", "model.normalization"),
+    ("delta.variant=deltaa", "delta.variant"),
+    ("data.tokenizer=gpt2", "data.tokenizer"),
+    ("training.lr", "training.lr"),
+])
+def test_bad_keys_and_types_are_rejected_by_name(override, named):
+    with pytest.raises(RunConfigError, match=named.replace(".", r"\.")):
+        load_run_config(TINY, [override])
+
+
+def test_unknown_nested_key_in_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  num_layers: 4\n  hiden_size: 64\n")
+    with pytest.raises(RunConfigError, match=r"model\.hiden_size"):
+        load_run_config(str(path))
+
+
+@pytest.mark.parametrize("overrides, world_size, named", [
+    (["parallel.tensor_model_parallel_size=2"], 3, "tensor_model_parallel_size"),
+    (["training.global_batch_size=12"], 8, "global_batch_size"),  # 12 % (8 micro x 8 dp)
+    (["parallel.pipeline_model_parallel_size=3"], 3, "num_layers"),  # 4 layers on 3 stages
+    (["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=4"], 2,
+     "num_layers"),
+    (["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2",
+      "training.micro_batch_size=16"], 2, "interleaved"),  # one micro-batch cannot fill two stages
+    (["parallel.virtual_pipeline_model_parallel_size=2"], 1, "virtual_pipeline_model_parallel_size"),
+    (["parallel.tensor_model_parallel_size=8"], 8, "num_attention_heads"),  # 4 heads
+    (["model.num_query_groups=1", "parallel.tensor_model_parallel_size=2"], 2, "num_query_groups"),
+    (["model.num_query_groups=3"], 1, "num_query_groups"),
+    (["model.hidden_size=130"], 1, "hidden_size"),
+    (["parallel.sequence_parallel=true"], 1, "sequence_parallel"),
+    (["parallel.data_parallel_size=4"], 2, "data_parallel_size"),
+    (["delta.num_blocks=8"], 1, "delta.num_blocks"),  # more blocks than layers (validate_for)
+    (["delta.num_blocks=3"], 1, "delta.num_blocks"),  # ceil(4/3)=2 layers per block -> only 2 blocks
+    (["training.lr_warmup_iters=500"], 1, "lr_warmup_iters"),
+    (["training.min_lr=1.0"], 1, "min_lr"),
+    (["data.split=100,0,0"], 1, "data.split"),
+    (["checkpoint.finetune=true"], 1, "checkpoint.load"),
+    (["parallel.overlap_param_gather=true"], 1, "use_distributed_optimizer"),
+])
+def test_impossible_runs_are_rejected_before_start(overrides, world_size, named):
+    cfg = load_run_config(TINY, overrides)
+    with pytest.raises(RunConfigError, match=named):
+        cfg.validate(world_size=world_size)
+
+
+def test_valid_meshes_of_the_tiny_config():
+    for overrides, world_size in [
+        ([], 2),  # dp 2
+        (["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"], 2),
+        (["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"], 4),  # tp2 x dp2
+        (["parallel.pipeline_model_parallel_size=4", "delta.num_blocks=4"], 4),
+    ]:
+        cfg = load_run_config(TINY, overrides)
+        cfg.validate(world_size=world_size)
+        dp = world_size // (cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size)
+        assert cfg.num_microbatches(world_size) * cfg.training.micro_batch_size * dp == cfg.training.global_batch_size
+
+
+PAPER_RECIPE = dict(adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, lr_decay_style="cosine",
+                    weight_decay=0.1)
+
+
+@pytest.mark.parametrize("name, world_size, shape, lr, warmup", [
+    ("paper_220m.yaml", 8, (768, 12), 6e-4, 1000),
+    ("paper_533m.yaml", 8, (1024, 24), 6e-4, 1000),
+    ("paper_1044m.yaml", 8, (1280, 36), 6e-4, 1000),
+    ("qwen3_0p6b.yaml", 8, (1024, 28), 6e-4, 1000),
+    ("delta_block_7p6b.yaml", 64, (4096, 36), 3e-4, 500),
+])
+def test_shipped_gpu_configs(name, world_size, shape, lr, warmup):
+    cfg = load_run_config(config_path(name))
+    cfg.validate(world_size=world_size)
+    t = cfg.training
+    assert (cfg.model.hidden_size, cfg.model.num_layers) == shape
+    assert {k: getattr(t, k) for k in PAPER_RECIPE} == PAPER_RECIPE
+    assert (t.lr, t.lr_warmup_iters, t.precision) == (lr, warmup, "bf16")
+    assert t.min_lr == pytest.approx(lr / 10, rel=1e-12)
+    assert cfg.delta.variant == "delta_block"
+
+
+def test_7p6b_layout():
+    cfg = load_run_config(config_path("delta_block_7p6b.yaml"))
+    m, p = cfg.model, cfg.parallel
+    assert (m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size, m.seq_length) == (32, 8, 12288, 2048)
+    assert (m.normalization, m.activation, m.position_embedding_type) == ("RMSNorm", "swiglu", "rope")
+    assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size, cfg.data_parallel_size(64)) == (4, 2, 8)
+    assert p.sequence_parallel and p.use_distributed_optimizer and cfg.delta.num_blocks == 4
+    assert cfg.training.global_batch_size * m.seq_length == 128 * 1024  # the reference's 128K tokens/step
+    with pytest.raises(RunConfigError, match="data_parallel_size"):  # launched on one 8-GPU node
+        cfg.validate(world_size=8)
+
+
+def test_every_shipped_config_parses():
+    paths = glob.glob(os.path.join(CONFIGS, "*.yaml"))
+    assert len(paths) >= 6
+    for path in paths:
+        assert dataclasses.is_dataclass(load_run_config(path))
+
+
+def test_vocab_padding_does_not_depend_on_the_mesh():
+    """The byte tokenizer's 258 ids pad to 384 on every TP size that divides 128, so a checkpoint
+    means the same model on any mesh (Megatron-LM's divisor x TP would give 512 at TP2)."""
+    sizes = {tp: padded_vocab_size(load_run_config(TINY, [f"parallel.tensor_model_parallel_size={tp}"]), 258)
+             for tp in (1, 2, 4, 8)}
+    assert set(sizes.values()) == {384}
+    assert padded_vocab_size(load_run_config(TINY, ["parallel.tensor_model_parallel_size=3"]), 258) == 384
+    assert padded_vocab_size(load_run_config(TINY, ["model.vocab_size=151936"]), 258) == 151936
+    with pytest.raises(RunConfigError, match="model.vocab_size"):
+        load_run_config(TINY, ["model.vocab_size=1001", "parallel.tensor_model_parallel_size=2"]).validate(2)
