@@ -71,7 +71,14 @@ import torch
 import yaml
 
 from megatron_delta.config import DeltaConfigError, DeltaResidualConfig
-from megatron_delta.run_config import ModelConfig, ParallelConfig, RunConfig, RunConfigError, build_transformer_config
+from megatron_delta.run_config import (
+    ModelConfig,
+    ParallelConfig,
+    RunConfig,
+    RunConfigError,
+    build_model_chunk,
+    build_transformer_config,
+)
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
 IMPORT_VARIANTS = ("standard", "delta", "delta_block")  # the variants with an identity init
@@ -508,19 +515,10 @@ def build_model(model: ModelConfig, delta: DeltaResidualConfig, config, seed: in
     (without the DDP / Float16Module wrappers)."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from megatron_delta import DeltaGPTModel, get_gpt_delta_layer_spec
-
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    spec = get_gpt_delta_layer_spec(delta, backend="local", qk_layernorm=model.qk_layernorm,
-                                    normalization=model.normalization)
-    return DeltaGPTModel(
-        config=config, delta=delta, transformer_layer_spec=spec, vocab_size=model.vocab_size,
-        max_sequence_length=model.max_position_embeddings or model.seq_length,
-        pre_process=pre_process, post_process=post_process, parallel_output=True,
-        share_embeddings_and_output_weights=not model.untie_embeddings_and_output_weights,
-        position_embedding_type=model.position_embedding_type, rotary_base=model.rotary_base, vp_stage=vp_stage,
-    )
+    return build_model_chunk(RunConfig(model=model, delta=delta), config, model.vocab_size, vp_stage=vp_stage,
+                             backend="local", pre_process=pre_process, post_process=post_process)
 
 
 def _load_into(module: torch.nn.Module, tensors: dict) -> None:
@@ -620,17 +618,12 @@ def import_hf(hf_dir: str, output: str, delta: DeltaResidualConfig | None = None
 
 def resolve_checkpoint(path: str) -> str:
     """A dist-checkpoint directory, or a trainer checkpoint directory (its `latest` iteration)."""
-    from megatron.core import dist_checkpointing
+    from megatron_delta.train import find_checkpoint
 
-    if dist_checkpointing.check_is_distributed_checkpoint(path):
-        return path
-    pointer = os.path.join(path, "latest")
-    if os.path.isfile(pointer):
-        with open(pointer, encoding="utf-8") as f:
-            latest = os.path.join(path, f.read().strip())
-        if dist_checkpointing.check_is_distributed_checkpoint(latest):
-            return latest
-    raise ConvertError(f"--checkpoint {path} is not a dist-checkpoint (no metadata.json) nor a directory with `latest`")
+    found = find_checkpoint(path)
+    if found is None:
+        raise ConvertError(f"--checkpoint {path} is not a dist-checkpoint (no metadata.json) nor a directory with `latest`")
+    return found
 
 
 def _checkpoint_description(checkpoint: str):

@@ -58,6 +58,7 @@ from megatron_delta.data import DataError, build_tokenizer
 from megatron_delta.run_config import (
     RunConfig,
     RunConfigError,
+    build_model_chunk,
     build_transformer_config,
     load_run_config,
     padded_vocab_size,
@@ -149,14 +150,8 @@ def _build_chunks(cfg: RunConfig, config, vocab_size: int) -> list:
 
     Always the local layer spec: the transformer_engine spec has the same parameters (TE fuses the
     pre-norm weight into the following linear) and needs TE, which a planning host may not have."""
-    from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from megatron_delta.model import DeltaGPTModel, get_gpt_delta_layer_spec
-
-    m = cfg.model
-    spec = get_gpt_delta_layer_spec(cfg.delta, backend="local", qk_layernorm=m.qk_layernorm,
-                                    normalization=m.normalization)
     # The embedding group exists only to all-reduce the tied output weight at construction (and its
     # gradient later), which a meta tensor cannot take part in; nothing it does changes a count.
     groups = ProcessGroupCollection.use_mpu_process_groups()
@@ -164,17 +159,9 @@ def _build_chunks(cfg: RunConfig, config, vocab_size: int) -> list:
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
-        stage = vp_stage if vpp else None
         with torch.device("meta"):
-            chunks.append(DeltaGPTModel(
-                config=config, delta=cfg.delta, transformer_layer_spec=spec, vocab_size=vocab_size,
-                max_sequence_length=m.max_position_embeddings or m.seq_length,
-                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-                parallel_output=True, share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
-                position_embedding_type=m.position_embedding_type, rotary_base=m.rotary_base,
-                vp_stage=stage, pg_collection=groups,
-            ))
+            chunks.append(build_model_chunk(cfg, config, vocab_size, vp_stage=vp_stage if vpp else None,
+                                            backend="local", pg_collection=groups))
     return chunks
 
 

@@ -436,3 +436,32 @@ def build_transformer_config(cfg: RunConfig, on_gpu: bool):
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
     )
+
+
+def build_model_chunk(cfg: RunConfig, config, vocab_size: int, vp_stage=None, backend: str | None = None,
+                      pre_process: bool | None = None, post_process: bool | None = None, pg_collection=None):
+    """The DeltaGPTModel that `cfg` describes for this rank and virtual pipeline stage, unwrapped
+    (the trainer adds Float16Module / DDP; convert and plan use it as is). Pre/post-processing
+    default to what parallel_state says for this rank."""
+    from megatron.core import parallel_state
+
+    from megatron_delta.model import DeltaGPTModel, get_gpt_delta_layer_spec
+
+    m = cfg.model
+    backend = backend or m.transformer_impl
+    spec_kwargs = {"qk_layernorm": m.qk_layernorm}
+    if backend == "local":  # the TE spec takes the norm type from the TransformerConfig
+        spec_kwargs["normalization"] = m.normalization
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return DeltaGPTModel(
+        config=config, delta=cfg.delta,
+        transformer_layer_spec=get_gpt_delta_layer_spec(cfg.delta, backend=backend, **spec_kwargs),
+        vocab_size=vocab_size, max_sequence_length=m.max_position_embeddings or m.seq_length,
+        pre_process=pre_process, post_process=post_process, parallel_output=True,
+        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+        position_embedding_type=m.position_embedding_type, rotary_base=m.rotary_base,
+        vp_stage=vp_stage, pg_collection=pg_collection,
+    )

@@ -62,11 +62,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import unwrap_model
 
-from megatron_delta import DeltaGPTModel, collect_routing_stats, get_gpt_delta_layer_spec, pipeline_seq_length
+from megatron_delta import collect_routing_stats, pipeline_seq_length
 from megatron_delta.data import DataError, build_datasets, build_tokenizer
 from megatron_delta.run_config import (
     RunConfig,
     RunConfigError,
+    build_model_chunk,
     build_transformer_config,
     load_run_config,
     padded_vocab_size,
@@ -144,11 +145,6 @@ def is_logging_rank() -> bool:
 
 def build_model(cfg: RunConfig, config, vocab_size: int, on_gpu: bool) -> list:
     """One DDP-wrapped DeltaGPTModel chunk per virtual pipeline stage of this rank."""
-    m = cfg.model
-    spec_kwargs = {"qk_layernorm": m.qk_layernorm}
-    if m.transformer_impl == "local":  # the TE spec takes the norm type from the config
-        spec_kwargs["normalization"] = m.normalization
-    spec = get_gpt_delta_layer_spec(cfg.delta, backend=m.transformer_impl, **spec_kwargs)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=config.bf16 or config.fp16,
@@ -159,21 +155,7 @@ def build_model(cfg: RunConfig, config, vocab_size: int, on_gpu: bool) -> list:
     )
     chunks = []
     for vp_stage in range(vpp or 1):
-        stage = vp_stage if vpp else None
-        model = DeltaGPTModel(
-            config=config,
-            delta=cfg.delta,
-            transformer_layer_spec=spec,
-            vocab_size=vocab_size,
-            max_sequence_length=m.max_position_embeddings or m.seq_length,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            parallel_output=True,
-            share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
-            position_embedding_type=m.position_embedding_type,
-            rotary_base=m.rotary_base,
-            vp_stage=stage,
-        )
+        model = build_model_chunk(cfg, config, vocab_size, vp_stage=vp_stage if vpp else None)
         for param in model.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
         if on_gpu:

@@ -23,13 +23,11 @@ import types
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_delta import cpu_shim
 
 cpu_shim.install()
 
-from megatron.core import parallel_state  # noqa: E402
 from megatron.core.optimizer import OptimizerConfig, _get_param_groups, get_standard_config_overrides  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
@@ -194,18 +192,6 @@ def test_standard_model_keeps_megatrons_schedule_untouched():
 
 
 # ---------------------------------------------------------------------------- router LR groups
-
-@pytest.fixture(scope="module")
-def single_process_world():
-    torch.set_num_threads(1)
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    yield
-    parallel_state.destroy_model_parallel()
-
 
 def test_router_lr_mult_gives_routing_parameters_their_own_schedule(single_process_world):
     """Megatron-Core's own param grouping of a real DeltaGPTModel, with Megatron-LM's standard

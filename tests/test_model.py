@@ -2,17 +2,13 @@
 
 Parallel meshes are covered in tests/parallel/ (real processes over gloo)."""
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_delta import cpu_shim
 
 cpu_shim.install()
 
-from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
@@ -30,16 +26,7 @@ from megatron_delta.routing import DepthRoute, route  # noqa: E402
 VOCAB, SEQ, BATCH = 128, 16, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_process_world():
-    torch.set_num_threads(1)
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    yield
-    parallel_state.destroy_model_parallel()
+pytestmark = pytest.mark.usefixtures("single_process_world")
 
 
 def transformer_config(**overrides):

@@ -214,13 +214,16 @@ def test_model_parallel_mesh_resumes_one_process_checkpoint(reference, data_dir,
     ([], ["--resume", "/nonexistent/checkpoints"], "checkpoint.resume"),
 ])
 def test_bad_config_fails_before_start(data_dir, tmp_path, overrides, extra, message, capsys):
+    import torch.distributed
+
     from megatron_delta.train import main
 
+    # Other test modules may have left a one-rank world behind in this process: the trainer must
+    # not have started one of its own.
+    was_initialized = torch.distributed.is_initialized()
     argv = _command(str(tmp_path), data_dir, overrides, extra=extra)[3:]  # after `python -m megatron_delta.train`
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "error:" in err and message in err
-    import torch.distributed
-
-    assert not torch.distributed.is_initialized()
+    assert torch.distributed.is_initialized() == was_initialized
     assert not os.path.exists(os.path.join(str(tmp_path), "metrics.jsonl"))
