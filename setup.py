@@ -26,7 +26,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "transformers"],
+        "test": ["pytest", "transformers", "triton"],  # triton: kernel tests in its CPU interpreter
         # Transformer Engine for the TE spec and FP8. NVIDIA Apex is NOT on PyPI
         # (the PyPI package named `apex` is unrelated): build it from NVIDIA's source.
         "te": ["transformer-engine[pytorch]"],

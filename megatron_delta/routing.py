@@ -58,11 +58,18 @@ class DepthRoute(torch.autograd.Function):
         return (grad_weight, None, *grad_sources)
 
 
-def route(sources, query, key_norm_weight, eps):
-    """The routed term and the routing weights (fp32 [K, ...]) for one sublayer."""
+def route(sources, query, key_norm_weight, eps, residual=None):
+    """The routed term (plus `residual`, if given: h = x + r in one pass on GPU) and the routing
+    weights (fp32 [K, ...]) for one sublayer. On GPU this runs the fused Triton kernel
+    (megatron_delta/kernels.py); elsewhere DepthRoute, the reference."""
+    from megatron_delta import kernels  # kernels builds on DepthRoute: imported here, not at the top
+
     acc = torch.promote_types(sources[0].dtype, torch.float32)
     weight = query.to(acc) * key_norm_weight.to(acc)
-    return DepthRoute.apply(weight, eps, *sources)
+    if kernels.supports(sources if residual is None else [*sources, residual]):
+        return kernels.fused_route(sources, weight, eps, residual)
+    routed, alpha = DepthRoute.apply(weight, eps, *sources)
+    return (routed if residual is None else residual + routed), alpha
 
 
 class DepthRouter(torch.nn.Module):

@@ -12,6 +12,11 @@ import pytest
 # More than one intra-op thread is 50-500x slower on small CPU VMs, and torchrun sets this only
 # for nproc > 1 (not for the pytest parent); it must be set before torch is first imported.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The Triton kernels are tested on CPU in Triton's interpreter, which is chosen when triton is
+# first imported (megatron.core imports it): decide before anything imports it. route() only
+# picks the kernels for CUDA tensors, so this changes nothing else.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 collect_ignore = [] if "WORLD_SIZE" in os.environ else ["parallel"]
 
