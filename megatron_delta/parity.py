@@ -1,0 +1,508 @@
+"""Mesh parity: prove that a parallel layout computes the same loss and gradients as one process.
+
+`run_parity(mesh, problem)` runs on every rank of a torch.distributed world:
+
+1. reference: model-parallel state TP=1, PP=1; every rank builds the whole model and runs the whole
+   global batch in one process-local autograd loop (fp32, dropout 0, fixed seed, deterministic
+   synthetic tokens), keeping its weights, loss and gradients;
+2. mesh: re-initialise the model-parallel state with the target layout (TP, PP, virtual PP,
+   sequence parallel, DP = world / (TP x PP), distributed optimizer, activation recompute), build
+   the local model chunk(s), load the reference weights into them, wrap them in Megatron's
+   DistributedDataParallel and run Megatron's own schedule (`get_forward_backward_func`: 1F1B or
+   interleaved) with each DP rank on its slice of the global batch; the schedule calls
+   `finalize_model_grads` (DP / sequence-parallel / tied-embedding reductions);
+3. compare the mesh loss and every local `main_grad` with the matching slice of the reference
+   gradient. Per-rank results are all-gathered, so every rank returns the same report and the
+   same pass/fail (one failing rank cannot leave the others waiting in a collective).
+
+`main(argv)` is `megatron-delta parity` (launch with torchrun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import torch
+
+from megatron_delta import DeltaGPTModel, DeltaResidualConfig, get_gpt_delta_layer_spec, pipeline_seq_length
+from megatron_delta.config import VARIANTS
+
+DEFAULT_TOLERANCE = 1e-5  # relative, fp32: observed agreement is <= 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+    """A parallel layout. Data parallelism fills the world: dp = world_size / (tp * pp)."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    sp: bool = False
+    dist_opt: bool = False
+    recompute: str = "none"  # none | full | selective
+
+    def describe(self, world_size: int) -> str:
+        parts = [f"TP{self.tp}", f"PP{self.pp}"]
+        if self.vpp:
+            parts.append(f"VPP{self.vpp}")
+        parts.append(f"DP{world_size // (self.tp * self.pp)}")
+        if self.sp:
+            parts.append("SP")
+        if self.dist_opt:
+            parts.append("dist-opt")
+        if self.recompute != "none":
+            parts.append(f"recompute={self.recompute}")
+        return " ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """The model and batch both sides compute (tiny by default: a parity run, not a benchmark)."""
+
+    variant: str = "standard"
+    num_blocks: int = 2
+    layers: int = 4
+    hidden: int = 64
+    heads: int = 4
+    seq: int = 16
+    micro_batch: int = 2
+    global_batch: int = 16  # >= 4 micro-batches per DP rank: the interleaved schedule's steady state
+    vocab: int = 128
+    seed: int = 1234
+    steps: int = 1  # iterations; Adam steps between them (grads compared after the last one)
+
+
+@dataclasses.dataclass
+class ParityReport:
+    mesh: str
+    losses_ref: list  # mean loss of the global batch, one per iteration
+    losses_mesh: list
+    grad_errors: dict  # reference param name -> (max |diff|, max |diff| / max |ref grad|), last iteration
+    tolerance: float
+    failures: list = dataclasses.field(default_factory=list)  # "rank N: error" from ranks that raised
+
+    @property
+    def loss_rel_error(self) -> float:
+        if len(self.losses_mesh) != len(self.losses_ref):
+            return float("nan")
+        return max(abs(m - r) / abs(r) for m, r in zip(self.losses_mesh, self.losses_ref))
+
+    @property
+    def worst_param(self) -> str:
+        return max(self.grad_errors, key=lambda name: self.grad_errors[name][1], default="-")
+
+    @property
+    def max_grad_rel_error(self) -> float:
+        return self.grad_errors[self.worst_param][1] if self.grad_errors else float("nan")
+
+    @property
+    def passed(self) -> bool:
+        # Written so that NaN fails.
+        return not self.failures and (
+            self.loss_rel_error <= self.tolerance and self.max_grad_rel_error <= self.tolerance
+        )
+
+    def table(self) -> str:
+        last = lambda losses: losses[-1] if losses else float("nan")  # noqa: E731
+        header = f"{'mesh':<30} {'loss ref':>10} {'loss mesh':>10} {'loss rel':>9} {'grad rel':>9}  worst param"
+        row = (
+            f"{self.mesh:<30} {last(self.losses_ref):>10.6f} {last(self.losses_mesh):>10.6f} "
+            f"{self.loss_rel_error:>9.2e} {self.max_grad_rel_error:>9.2e}  {self.worst_param}"
+        )
+        verdict = "PASS" if self.passed else "FAIL"
+        summary = (
+            f"{verdict}: {len(self.losses_ref)} iteration(s), {len(self.grad_errors)} params, "
+            f"tolerance {self.tolerance:g} relative"
+        )
+        return "\n".join([header, row, summary] + self.failures)
+
+
+GRAD_FLOOR = 1e-12  # reference gradients below this magnitude count as zero in relative errors
+ADAM_LR = 1e-2
+# Adam's update is ~lr * sign(g) where |g| << eps: with eps=1e-8 that turns 1e-7 rounding
+# differences of near-zero gradients into lr-sized parameter differences between meshes.
+ADAM_EPS = 1e-3
+
+
+def _transformer_config(problem: Problem, mesh: Mesh):
+    from megatron.core.transformer import TransformerConfig
+
+    recompute = {
+        "none": {},
+        "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+        "selective": dict(recompute_granularity="selective"),
+    }[mesh.recompute]
+    return TransformerConfig(
+        num_layers=problem.layers,
+        hidden_size=problem.hidden,
+        num_attention_heads=problem.heads,
+        tensor_model_parallel_size=mesh.tp,
+        pipeline_model_parallel_size=mesh.pp,
+        virtual_pipeline_model_parallel_size=mesh.vpp,
+        sequence_parallel=mesh.sp,
+        pipeline_dtype=torch.float32,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+        # gloo pairs batched isend/irecv in posting order: with PP2 x VPP2 (prev == next rank)
+        # activations and gradients of one shape get swapped silently.
+        batch_p2p_comm=False,
+        **recompute,
+    )
+
+
+def _build_chunk(problem: Problem, config, delta: DeltaResidualConfig, vp_stage):
+    from megatron.core import parallel_state
+
+    return DeltaGPTModel(
+        config=config,
+        delta=delta,
+        transformer_layer_spec=get_gpt_delta_layer_spec(delta, backend="local"),
+        vocab_size=problem.vocab,
+        max_sequence_length=problem.seq,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=True,
+        position_embedding_type="rope",
+        vp_stage=vp_stage,
+    )
+
+
+def _microbatches(problem: Problem, device) -> list:
+    """The deterministic synthetic global batch, as micro-batches of (input_ids, position_ids, labels)."""
+    generator = torch.Generator().manual_seed(problem.seed)
+    tokens = torch.randint(problem.vocab, (problem.global_batch, problem.seq + 1), generator=generator)
+    position_ids = torch.arange(problem.seq).expand(problem.micro_batch, -1)
+    return [
+        dict(
+            input_ids=tokens[i : i + problem.micro_batch, :-1].to(device),
+            position_ids=position_ids.to(device),
+            labels=tokens[i : i + problem.micro_batch, 1:].to(device),
+        )
+        for i in range(0, problem.global_batch, problem.micro_batch)
+    ]
+
+
+def _mean_loss(per_token_loss):
+    loss = per_token_loss.float().mean()
+    # The schedule scales the returned loss in place; report an unscaled copy.
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"])
+    return output, _mean_loss
+
+
+def _reference_name(chunk, name: str) -> str:
+    """Name of a mesh parameter in the one-process model: local layer index -> global
+    `layer_number`, the tied output weight of the last stage -> the word embeddings."""
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(chunk.decoder.layers[int(parts[2])].layer_number - 1)
+    elif name == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
+        return "embedding.word_embeddings.weight"
+    return ".".join(parts)
+
+
+def _local_slice(full: torch.Tensor, param, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This TP rank's part of a full reference tensor (params without `tensor_model_parallel`
+    are replicated)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    return full.chunk(tp_size, dim=param.partition_dim)[tp_rank]
+
+
+def _gather_reduce_scattered_grads(ddp_chunks) -> None:
+    """With the distributed optimizer, finalize_model_grads reduce-scatters: a DP rank holds the
+    reduced gradient only in its own shard of each bucket (the rest is its local, unreduced
+    gradient). All-gather the shards so that every main_grad can be compared."""
+    from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+    for ddp in ddp_chunks:
+        for bucket_group in ddp.bucket_groups:
+            size = bucket_group.intra_distributed_optimizer_instance_size
+            rank = bucket_group.intra_distributed_optimizer_instance_rank
+            for bucket in bucket_group.buckets:
+                own_shard = shard_buffer(bucket.grad_data, size)[rank].clone()
+                torch.distributed.all_gather_into_tensor(
+                    bucket.grad_data, own_shard, group=bucket_group.intra_distributed_optimizer_instance_group
+                )
+
+
+def _check_layout(problem: Problem, mesh: Mesh, world_size: int) -> None:
+    if problem.steps < 1:
+        raise ValueError(f"steps={problem.steps} must be >= 1")
+    if mesh.recompute not in ("none", "full", "selective"):
+        raise ValueError(f"recompute={mesh.recompute!r}: choose none, full or selective")
+    if world_size % (mesh.tp * mesh.pp):
+        raise ValueError(f"world size {world_size} is not divisible by tp x pp = {mesh.tp} x {mesh.pp}")
+    dp = world_size // (mesh.tp * mesh.pp)
+    if problem.global_batch % (problem.micro_batch * dp):
+        raise ValueError(
+            f"global_batch={problem.global_batch} must be divisible by micro_batch x dp = "
+            f"{problem.micro_batch} x {dp}"
+        )
+    if mesh.sp and mesh.tp == 1:
+        raise ValueError("sequence parallel needs tp > 1")
+    if mesh.vpp and mesh.pp == 1:
+        raise ValueError("virtual pipeline stages (vpp) need pp > 1")
+    if problem.layers % (mesh.pp * (mesh.vpp or 1)):
+        raise ValueError(f"layers={problem.layers} must be divisible by pp x vpp = {mesh.pp} x {mesh.vpp or 1}")
+    for field, value in (("heads", problem.heads), ("vocab", problem.vocab), ("seq", problem.seq)):
+        if value % mesh.tp:
+            raise ValueError(f"{field}={value} must be divisible by tp={mesh.tp}")
+
+
+def destroy_model_parallel() -> None:
+    """Megatron's destroy_model_parallel forgets its process groups but leaves them alive, and
+    every gloo group keeps two threads: destroy them too, or each re-initialisation leaks ~40.
+    (A group's threads end when its last reference goes; models of a previous layout that sit
+    in reference cycles release theirs at the next automatic garbage collection.)"""
+    from megatron.core import parallel_state
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from torch.distributed.distributed_c10d import _world
+
+    parallel_state.destroy_model_parallel()
+    # RotaryEmbedding.forward is an lru_cache keyed on the module, which holds its CP group.
+    RotaryEmbedding.forward.cache_clear()
+    for group in list(_world.pg_map):
+        if group is not _world.default_pg:
+            torch.distributed.destroy_process_group(group)
+
+
+def _init_model_parallel(tp: int = 1, pp: int = 1, vpp=None, seed: int = 0) -> None:
+    from megatron.core import parallel_state, tensor_parallel
+
+    destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _run_reference(problem: Problem, delta: DeltaResidualConfig, device):
+    """Whole model, whole global batch, one process: (initial params, last grads, losses)."""
+    _init_model_parallel(seed=problem.seed)
+    model = _build_chunk(problem, _transformer_config(problem, Mesh()), delta, vp_stage=None).to(device)
+    initial_params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=ADAM_LR, eps=ADAM_EPS, weight_decay=0.0)
+    microbatches = _microbatches(problem, device)
+    losses = []
+    for iteration in range(problem.steps):
+        model.zero_grad()
+        loss_sum = 0.0
+        for batch in microbatches:
+            loss, _ = _mean_loss(model(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"]))
+            (loss / len(microbatches)).backward()
+            loss_sum += loss.item()
+        losses.append(loss_sum / len(microbatches))
+        if iteration < problem.steps - 1:
+            optimizer.step()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return initial_params, grads, losses
+
+
+def _run_mesh(problem: Problem, mesh: Mesh, delta: DeltaResidualConfig, ref_params: dict, device):
+    """Megatron's schedule (and optimizer between iterations) on the target layout:
+    (this rank's chunks, DP-averaged losses; None on ranks that are not the last stage)."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    _init_model_parallel(mesh.tp, mesh.pp, mesh.vpp, seed=problem.seed)
+    config = _transformer_config(problem, mesh)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    chunks = []
+    for vp_stage in range(mesh.vpp) if mesh.vpp else [None]:
+        chunk = _build_chunk(problem, config, delta, vp_stage).to(device)
+        with torch.no_grad():
+            for name, param in chunk.named_parameters():
+                param.copy_(_local_slice(ref_params[_reference_name(chunk, name)], param, tp_rank, mesh.tp))
+        chunks.append(chunk)
+
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=mesh.dist_opt)
+    ddp_chunks = [
+        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=index > 0)
+        for index, chunk in enumerate(chunks)
+    ]
+    no_sync = [ddp.no_sync for ddp in ddp_chunks]
+    config.no_sync_func = no_sync if mesh.vpp else no_sync[0]
+    config.finalize_model_grads_func = finalize_model_grads
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=ADAM_LR, adam_eps=ADAM_EPS, weight_decay=0.0, clip_grad=0.0,
+            use_distributed_optimizer=mesh.dist_opt,
+        ),
+        ddp_chunks,
+    )
+
+    dp_size = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    microbatches = _microbatches(problem, device)
+    per_dp = len(microbatches) // dp_size
+    own = microbatches[dp_rank * per_dp : (dp_rank + 1) * per_dp]
+    last_stage = parallel_state.is_pipeline_last_stage()
+    losses = []
+    for iteration in range(problem.steps):
+        for ddp in ddp_chunks:
+            ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        reduced = get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=[iter(own) for _ in ddp_chunks] if mesh.vpp else iter(own),
+            model=ddp_chunks,
+            num_microbatches=per_dp,
+            seq_length=pipeline_seq_length(delta, config, problem.seq),
+            micro_batch_size=problem.micro_batch,
+        )
+        # Average over DP (only last-stage ranks hold losses; the others all-reduce zeros).
+        loss = torch.tensor(
+            sum(r["lm loss"].item() for r in reduced) / per_dp if last_stage else 0.0,
+            dtype=torch.float64, device=device,
+        )
+        torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+        losses.append(loss.item() / dp_size)
+        if iteration < problem.steps - 1:
+            optimizer.step()
+    if mesh.dist_opt:
+        _gather_reduce_scattered_grads(ddp_chunks)
+    return chunks, (losses if last_stage else None)
+
+
+def _grad_errors(chunks, ref_grads: dict, tp: int) -> dict:
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    errors = {}
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            ref_name = _reference_name(chunk, name)
+            ref = ref_grads[ref_name]
+            diff = (param.main_grad.float() - _local_slice(ref, param, tp_rank, tp)).abs().max().item()
+            rel = diff / max(ref.abs().max().item(), GRAD_FLOOR)
+            errors[ref_name] = max(errors.get(ref_name, (0.0, 0.0)), (diff, rel), key=lambda e: e[1])
+    return errors
+
+
+def _compare_on_this_rank(problem: Problem, mesh: Mesh, delta: DeltaResidualConfig, device):
+    """(reference losses, reference param names, this rank's result); keeps no model alive, so
+    that destroying the process groups afterwards really frees them."""
+    ref_params, ref_grads, ref_losses = _run_reference(problem, delta, device)
+    chunks, mesh_losses = _run_mesh(problem, mesh, delta, ref_params, device)
+    result = dict(losses=mesh_losses, errors=_grad_errors(chunks, ref_grads, mesh.tp), failure=None)
+    return ref_losses, list(ref_grads), result
+
+
+def run_parity(mesh: Mesh, problem: Problem = Problem(), tolerance: float = DEFAULT_TOLERANCE) -> ParityReport:
+    """Collective: call on every rank of an initialised torch.distributed world; every rank gets
+    the same report. Leaves the model-parallel state (and its process groups) destroyed."""
+    world_size = torch.distributed.get_world_size()
+    rank = torch.distributed.get_rank()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    delta = DeltaResidualConfig(variant=problem.variant, num_blocks=problem.num_blocks)
+    _check_layout(problem, mesh, world_size)
+    ref_losses, ref_names = [], []
+    try:
+        ref_losses, ref_names, local = _compare_on_this_rank(problem, mesh, delta, device)
+    except Exception as error:  # reported by every rank below instead of leaving the others waiting
+        local = dict(losses=None, errors={}, failure=f"rank {rank}: {type(error).__name__}: {error}")
+    finally:
+        destroy_model_parallel()
+
+    gathered = [None] * world_size
+    torch.distributed.all_gather_object(gathered, local)
+    failures = [r["failure"] for r in gathered if r["failure"]]
+    grad_errors = {}
+    for rank_result in gathered:
+        for name, error in rank_result["errors"].items():
+            grad_errors[name] = max(grad_errors.get(name, (0.0, 0.0)), error, key=lambda e: e[1])
+    missing = {name for name in ref_names if name not in grad_errors} if not failures else set()
+    if missing:
+        failures.append(f"no mesh rank holds the reference params {sorted(missing)}")
+    mesh_losses = [r["losses"] for r in gathered if r["losses"] is not None]
+    # Every last-stage rank reports the DP-averaged losses; keep the worst.
+    worst = max(mesh_losses, key=lambda losses: max(abs(m - r) for m, r in zip(losses, ref_losses)), default=[])
+    return ParityReport(mesh.describe(world_size), ref_losses, worst, grad_errors, tolerance, failures)
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = Problem()
+    parser = argparse.ArgumentParser(
+        prog="megatron-delta parity",
+        description="Compare a parallel mesh against one process (loss and every gradient). "
+        "Launch under torchrun; data parallelism fills the world: dp = world / (tp x pp). "
+        "Example: torchrun --nproc_per_node=4 examples/parity_check.py --tp 2 --pp 2 --variant delta_block",
+    )
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved 1F1B)")
+    parser.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
+    parser.add_argument("--dist-opt", action="store_true", help="Megatron's distributed optimizer")
+    parser.add_argument("--recompute", choices=("none", "full", "selective"), default="none")
+    parser.add_argument("--variant", choices=VARIANTS, default=defaults.variant)
+    parser.add_argument("--num-blocks", type=int, default=defaults.num_blocks, help="blocks of the block variants")
+    parser.add_argument("--layers", type=int, default=defaults.layers)
+    parser.add_argument("--hidden", type=int, default=defaults.hidden)
+    parser.add_argument("--heads", type=int, default=defaults.heads)
+    parser.add_argument("--seq", type=int, default=defaults.seq)
+    parser.add_argument("--micro-batch", type=int, default=defaults.micro_batch)
+    parser.add_argument("--global-batch", type=int, default=defaults.global_batch)
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help="iterations, with Adam steps between them (grads compared after the last)")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help="max relative error of the loss and of every gradient")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if "RANK" not in os.environ:
+        print("megatron-delta parity: launch under torchrun, e.g. "
+              "torchrun --nproc_per_node=4 examples/parity_check.py --tp 2 --pp 2", file=sys.stderr)
+        return 2
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        # TF32 matmuls differ from fp32 by ~1e-3: far beyond the parity tolerance.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        backend = "nccl"
+    else:
+        from megatron_delta import cpu_shim
+
+        cpu_shim.install()
+        torch.set_num_threads(1)  # more intra-op threads per rank is 50-500x slower on small CPU VMs
+        backend = "gloo"
+    torch.distributed.init_process_group(backend)
+    try:
+        mesh = Mesh(tp=args.tp, pp=args.pp, vpp=args.vpp, sp=args.sp, dist_opt=args.dist_opt,
+                    recompute=args.recompute)
+        problem = Problem(variant=args.variant, num_blocks=args.num_blocks, layers=args.layers,
+                          hidden=args.hidden, heads=args.heads, seq=args.seq, micro_batch=args.micro_batch,
+                          global_batch=args.global_batch, steps=args.steps, seed=args.seed)
+        try:
+            report = run_parity(mesh, problem, args.tolerance)
+        except ValueError as error:  # a layout that cannot run; raised identically on every rank
+            if torch.distributed.get_rank() == 0:
+                print(f"megatron-delta parity: {error}", file=sys.stderr)
+            return 2
+        if torch.distributed.get_rank() == 0:
+            print(f"variant={problem.variant} layers={problem.layers} hidden={problem.hidden} "
+                  f"seq={problem.seq} micro_batch={problem.micro_batch} global_batch={problem.global_batch}")
+            print(report.table())
+        return 0 if report.passed else 1
+    finally:
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,26 @@
+"""One gloo world for the whole 4-rank session; each test builds and destroys its own
+model-parallel groups (run_parity does both)."""
+
+import os
+
+import pytest
+import torch
+
+from megatron_delta import cpu_shim
+
+WORLD_SIZE = 4
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gloo_world():
+    if os.environ.get("WORLD_SIZE") != str(WORLD_SIZE):
+        pytest.exit(
+            f"tests/parallel runs under `torchrun --nproc_per_node={WORLD_SIZE} -m pytest tests/parallel` "
+            "(or via tests/test_parallel_suite.py)",
+            returncode=2,
+        )
+    cpu_shim.install()
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    yield
+    torch.distributed.destroy_process_group()
