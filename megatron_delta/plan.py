@@ -55,14 +55,8 @@ import torch
 
 from megatron_delta.config import DeltaConfigError
 from megatron_delta.data import DataError, build_tokenizer
-from megatron_delta.run_config import (
-    RunConfig,
-    RunConfigError,
-    build_model_chunk,
-    build_transformer_config,
-    load_run_config,
-    padded_vocab_size,
-)
+from megatron_delta.run_config import RunConfig, RunConfigError, build_model_chunk, build_transformer_config
+from megatron_delta.run_config import load_run_config, padded_vocab_size
 
 GiB = 2**30
 FP32 = 4
