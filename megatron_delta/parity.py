@@ -12,8 +12,11 @@
    interleaved) with each DP rank on its slice of the global batch; the schedule calls
    `finalize_model_grads` (DP / sequence-parallel / tied-embedding reductions);
 3. compare the mesh loss and every local `main_grad` with the matching slice of the reference
-   gradient. Per-rank results are all-gathered, so every rank returns the same report and the
-   same pass/fail (one failing rank cannot leave the others waiting in a collective).
+   gradient. With `steps > 1` both sides run that many iterations with Adam steps in between
+   (torch AdamW on the reference, Megatron's optimizer - distributed or not - on the mesh); the
+   losses of every iteration and the gradients of the last one are compared. Per-rank results
+   are all-gathered, so every rank returns the same report and the same pass/fail (one failing
+   rank cannot leave the others waiting in a collective).
 
 `main(argv)` is `megatron-delta parity` (launch with torchrun).
 """
