@@ -5,13 +5,16 @@ sharded_state_dict); forward is ours because the thing that flows from layer to 
 residual stream *plus* its sources:
 
     first stage:  state = start(embedding)        later stages: state = unpack(input_tensor)
-    for layer:    state = layer(state)            (optionally under full activation recompute)
+                                                  (+ the sources this rank kept, interleaved PP)
+    for layer:    state = layer(state)            (optionally under full activation recompute;
+                                                  delta_block routes a block's sublayers at once)
     last stage:   Norm(x), or for replacement variants Norm(route(sources))   (Kimi's final AttnRes)
     other stages: pack(state)  -> one [slots * s, b, h] tensor for Megatron's p2p
 """
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 
 from megatron.core import tensor_parallel
@@ -21,8 +24,8 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.utils import make_viewless_tensor
 
 from megatron_delta import transport
-from megatron_delta.routing import DepthRouter
-from megatron_delta.state import DepthState, layout_before_layer
+from megatron_delta.routing import DepthRouter, route_sublayers
+from megatron_delta.state import DepthState
 
 
 class DeltaTransformerBlock(TransformerBlock):
@@ -31,9 +34,16 @@ class DeltaTransformerBlock(TransformerBlock):
         super().__init__(config, spec, post_layer_norm=post_layer_norm, pre_process=pre_process,
                          post_process=post_process, pg_collection=pg_collection, vp_stage=vp_stage)
         self.delta = delta
+        self.vp_stage = vp_stage
         self.pipeline_slots = transport.pipeline_slots(delta, config)
-        first_layer = self.layers[0].layer_number - 1 if len(self.layers) else 0
-        self.input_layout = layout_before_layer(delta, config.num_layers, first_layer)
+        # This chunk's place in the pipeline ring (chunk c runs on pipeline rank c % pp).
+        boundaries = transport.boundaries(delta, config)
+        chunk = (self.layers[0].layer_number - 1) // (config.num_layers // (len(boundaries) + 1))
+        self.boundary_in = boundaries[chunk - 1] if chunk > 0 else None
+        self.boundary_out = boundaries[chunk] if chunk < len(boundaries) else None
+        # Interleaved PP: the rank runs chunk + pp later, which reads the sources kept from here.
+        self.keeps_sources = chunk + config.pipeline_model_parallel_size <= len(boundaries)
+        self.source_cache = None  # a transport.SourceCache shared with the rank's other chunks
         # Replacement routing has no residual stream: the last stage routes once more over all
         # sources to form the final hidden state. Lives next to the final norm it feeds.
         self.final_router = (
@@ -54,7 +64,8 @@ class DeltaTransformerBlock(TransformerBlock):
             embedding = make_viewless_tensor(hidden_states, requires_grad=True, keep_graph=True)
             state = DepthState.start(self.delta, embedding)
         else:
-            state = transport.unpack(self.input_tensor, self.delta, self.input_layout, self.pipeline_slots)
+            kept = self._source_cache().take(self.vp_stage).read() if self.boundary_in.kept else []
+            state = transport.unpack(self.input_tensor, self.delta, self.boundary_in, self.pipeline_slots, kept)
             # GPTModel sized the rotary table from the packed input ([slots * s, b, h]); positions
             # 0..s-1 are its first s rows.
             if rotary_pos_emb is not None:
@@ -70,24 +81,66 @@ class DeltaTransformerBlock(TransformerBlock):
             tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else nullcontext()
         )
         delayed_fp8 = self.config.fp8 and self.config.fp8_recipe == Fp8Recipe.delayed
+        handoff = transport.KeptSources() if self.keeps_sources else None
+        if handoff is not None:
+            state = dataclasses.replace(state, sources=handoff.add(state.sources))
+        received = len(state.sources)
         with rng_context, (get_fp8_context(self.config) if delayed_fp8 else nullcontext()):
             for start, end, recompute in self._layer_groups():
                 if recompute:
                     state = self._checkpointed(start, end, state, layer_kwargs)
                 else:
                     state = self._run_layers(start, end, state, layer_kwargs)
+        if handoff is not None:
+            # Sources made here cross to the next chunk, so their gradient passes the handoff.
+            made = handoff.add(state.sources[received:])
+            state = dataclasses.replace(state, sources=state.sources[:received] + made)
+            self._source_cache().put(self.vp_stage + 1, handoff)
 
         if self.final_layernorm is None:
-            return transport.pack(state, self.pipeline_slots, self.config.pipeline_dtype or state.sources[0].dtype)
+            dtype = self.config.pipeline_dtype or state.sources[0].dtype
+            return transport.pack(state, self.boundary_out.kept, self.pipeline_slots, dtype)
         final = state.hidden if self.delta.additive else self.final_router(state.sources)
         return make_viewless_tensor(self.final_layernorm(final), requires_grad=True, keep_graph=True)
 
     def _run_layers(self, start, end, state, layer_kwargs):
         per_layer_fp8 = self.config.fp8 and self.config.fp8_recipe != Fp8Recipe.delayed
-        for layer in self.layers[start:end]:
-            with get_fp8_context(self.config, layer.layer_number - 1) if per_layer_fp8 else nullcontext():
-                state = layer(state, **layer_kwargs)
+        for run in self._routing_runs(self.layers[start:end]):
+            for layer, routed in zip(run, self._route_run(run, state)):
+                with get_fp8_context(self.config, layer.layer_number - 1) if per_layer_fp8 else nullcontext():
+                    state = layer(state, routed=routed, **layer_kwargs)
         return state
+
+    def _routing_runs(self, layers):
+        """Runs of consecutive layers whose sublayers all read the same sources. delta_block: the
+        layers of one block (its sources change only when it closes); the other variants' sources
+        change every sublayer, so their layers route for themselves (one run, nothing routed ahead)."""
+        if not self.delta.block_sources_fixed:
+            return [layers]
+        runs, run = [], []
+        for layer in layers:
+            run.append(layer)
+            if layer.ends_block:
+                runs.append(run)
+                run = []
+        return runs + [run] if run else runs
+
+    def _route_run(self, run, state):
+        """[(attention, MLP) routed terms] of the run's layers, in one pass over the sources
+        (the block-level kernel on GPU), or (None, None) for layers that route for themselves."""
+        if not self.delta.block_sources_fixed:
+            return [(None, None)] * len(run)
+        routed = route_sublayers([r for layer in run for r in (layer.attention_router, layer.mlp_router)],
+                                 state.sources)
+        return list(zip(routed[0::2], routed[1::2]))
+
+    def _source_cache(self):
+        if self.source_cache is None:
+            raise RuntimeError(
+                f"virtual pipeline stage {self.vp_stage} shares sources with this rank's other model chunks: "
+                "call megatron_delta.link_virtual_stages(model_chunks) once after building them"
+            )
+        return self.source_cache
 
     def _layer_groups(self):
         """(start, end, recompute) ranges of local layers, following Megatron's full-recompute

@@ -80,6 +80,12 @@ class DeltaResidualConfig:
         return self.variant in BLOCK_VARIANTS
 
     @property
+    def block_sources_fixed(self) -> bool:
+        """delta_block: all sublayers of a block route over the same sources (x_0 and the completed
+        block deltas) with static queries, so a block's routed terms can be computed in one pass."""
+        return self.variant == "delta_block"
+
+    @property
     def has_gate(self) -> bool:
         return self.init == "identity" and self.routed
 

@@ -74,16 +74,17 @@ def fused_route(sources, weight, eps, residual=None):
 
 
 def route_block(sources, weights, eps):
-    """Route M sublayers over the same sources in one pass: (routed [M, ..., h] in the sources'
-    dtype, alpha [M, K, ...] fp32, not differentiable).
+    """Route M sublayers over the same sources in one pass: (routed: M tensors [..., h] in the
+    sources' dtype, alpha [M, K, ...] fp32, not differentiable).
 
     weights: [M, h], row m = query_m * key_norm_weight_m in the accumulation dtype (fp32; fp64
     for fp64 sources). Runs the fused kernel where `supports(sources)`, otherwise M calls of the
     reference DepthRoute."""
     if supports(sources):
-        return FusedDepthRoute.apply(weights, eps, None, *sources)
+        routed, alpha = FusedDepthRoute.apply(weights, eps, None, *sources)
+        return routed.unbind(0), alpha
     routed, alpha = zip(*(DepthRoute.apply(w, eps, *sources) for w in weights))
-    return torch.stack(routed), torch.stack(alpha)
+    return list(routed), torch.stack(alpha)
 
 
 class FusedDepthRoute(torch.autograd.Function):

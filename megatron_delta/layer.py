@@ -2,7 +2,8 @@
 
 For each sublayer (attention, then MLP):
 
-    h = x + route(sources)        additive variants   (x: the residual stream, kept)
+    h = x + route(sources)        additive variants   (x: the residual stream, kept; on GPU the
+                                  add is fused into the routing kernel)
     h = route(sources)            replacement variants
     v = dropout(f(Norm(h)) + bias)
     x = x + v;  v joins the sources (see state.py for the per-variant bookkeeping)
@@ -41,7 +42,9 @@ class DeltaTransformerLayer(TransformerLayer):
 
     def forward(self, state: DepthState, attention_mask=None, rotary_pos_emb=None, rotary_pos_cos=None,
                 rotary_pos_sin=None, attention_bias=None, packed_seq_params=None,
-                sequence_len_offset=None, padding_mask=None) -> DepthState:
+                sequence_len_offset=None, padding_mask=None, routed=(None, None)) -> DepthState:
+        """`routed`: the (attention, MLP) routed terms when the block already computed them
+        (delta_block routes all sublayers of a block in one pass); computed here otherwise."""
         def attention(h):
             return self.self_attention(
                 self.input_layernorm(h), attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
@@ -58,12 +61,17 @@ class DeltaTransformerLayer(TransformerLayer):
                 )
             return self.mlp(normed, padding_mask=padding_mask)
 
-        state = self._sublayer(state, self.attention_router, attention)
-        state = self._sublayer(state, self.mlp_router, mlp)
+        state = self._sublayer(state, self.attention_router, attention, routed[0])
+        state = self._sublayer(state, self.mlp_router, mlp, routed[1])
         return state.close_block() if self.ends_block else state
 
-    def _sublayer(self, state: DepthState, router: DepthRouter, op) -> DepthState:
-        h = state.sublayer_input(router(state.route_sources()))
+    def _sublayer(self, state: DepthState, router: DepthRouter, op, routed) -> DepthState:
+        # h = x + r (additive) or h = r (replacement: no x). Precomputed terms come only from
+        # delta_block, which is additive.
+        if routed is None:
+            h = router(state.route_sources(), residual=state.hidden)
+        else:
+            h = state.hidden + routed
         output, bias = op(h)
         # Megatron's bias-dropout-add, with the add to x done by the state: v is needed alone.
         with self.bias_dropout_add_exec_handler():

@@ -35,7 +35,7 @@ from megatron.core.utils import get_model_config
 
 from megatron_delta.config import INITS, VARIANTS, DeltaConfigError, DeltaResidualConfig
 from megatron_delta.model import DeltaGPTModel, get_gpt_delta_layer_spec
-from megatron_delta.transport import pipeline_seq_length
+from megatron_delta.transport import link_virtual_stages, pipeline_seq_length
 
 # Routing parameters live in DepthRouter modules: "...layers.N.attention_router.query",
 # "...decoder.final_router.key_norm_weight", ... (fnmatch pattern on the parameter name).
@@ -154,13 +154,16 @@ def delta_gpt_builder(args, pre_process, post_process, vp_stage=None, config=Non
 def with_pipeline_seq_length(forward_backward_func, delta: DeltaResidualConfig):
     """Wrap a Megatron-Core forward_backward_func so that the schedule's p2p buffers fit the packed
     depth state: seq_length -> pipeline_seq_length(delta, model config, seq_length). The schedules
-    use seq_length only for those buffer shapes; the standard variant is returned unwrapped."""
+    use seq_length only for those buffer shapes. Megatron-LM builds the model chunks one virtual
+    stage at a time, so this is also where they get linked (link_virtual_stages; a no-op once
+    done). The standard variant is returned unwrapped."""
     if not delta.routed:
         return forward_backward_func
 
     @functools.wraps(forward_backward_func)
     def forward_backward(*, model, seq_length, **kwargs):
         config = get_model_config(model[0] if isinstance(model, list) else model)
+        link_virtual_stages(model)
         return forward_backward_func(model=model, seq_length=pipeline_seq_length(delta, config, seq_length),
                                      **kwargs)
 

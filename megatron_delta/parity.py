@@ -30,7 +30,13 @@ import sys
 
 import torch
 
-from megatron_delta import DeltaGPTModel, DeltaResidualConfig, get_gpt_delta_layer_spec, pipeline_seq_length
+from megatron_delta import (
+    DeltaGPTModel,
+    DeltaResidualConfig,
+    get_gpt_delta_layer_spec,
+    link_virtual_stages,
+    pipeline_seq_length,
+)
 from megatron_delta.config import VARIANTS
 
 DEFAULT_TOLERANCE = 1e-5  # relative, fp32: observed agreement is <= 1e-6
@@ -335,6 +341,7 @@ def _run_mesh(problem: Problem, mesh: Mesh, delta: DeltaResidualConfig, ref_para
             for name, param in chunk.named_parameters():
                 param.copy_(_local_slice(ref_params[_reference_name(chunk, name)], param, tp_rank, mesh.tp))
         chunks.append(chunk)
+    link_virtual_stages(chunks)
 
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=mesh.dist_opt)
     ddp_chunks = [

@@ -24,7 +24,8 @@ layer: GQA attention, SwiGLU/GeLU MLP, RMSNorm, RoPE, TP/SP sharding), plus what
                    partial block sums (attnres_block). Found by running DepthState's own bookkeeping
                    over the stage's layers, so sources shared by several sublayers count once.
     pipeline input the received [slots * s, b, h] message: its sources are views of it, so the whole
-                   message is kept until the stage's backward.
+                   message is kept until the stage's backward. Interleaved PP: sources a rank keeps
+                   for its next chunk count once, on the chunk that received or made them.
 For the local backend (torch ops, as on CPU) the sum agrees to the byte with the saved-tensor bytes
 of real runs (tests/test_plan.py: TP2+SP, recompute, PP2 for four variants, PP2 x VPP2); the
 transformer_engine terms follow what TE's fused LayerNorm-linear and flash attention keep (input,
@@ -323,8 +324,8 @@ def _walk_stream(block, delta, recompute_groups):
     elif block.pre_process:
         state = DepthState.start(delta, _placeholder())
     else:
-        state = DepthState.from_tensors(delta, block.input_layout,
-                                        [_placeholder() for _ in range(block.input_layout.num_tensors)])
+        layout = block.boundary_in.layout
+        state = DepthState.from_tensors(delta, layout, [_placeholder() for _ in range(layout.num_tensors)])
         received.update((id(t), t) for t in state.tensors())
 
     calls, recomputed = [], []
@@ -349,6 +350,8 @@ def _walk_stream(block, delta, recompute_groups):
                 state = state.close_block()
         if recompute:
             recomputed.append(group_calls)
+    if delta.routed and block.keeps_sources:  # held for the rank's next chunk until this one's backward
+        keep("sources", *state.sources)
     if delta.routed and getattr(block, "final_router", None) is not None:
         calls.append(len(state.sources))
         keep("sources", *state.sources)
@@ -371,7 +374,8 @@ def _layer_groups(block):
 
 
 def chunk_activations(chunk, delta, model: ActivationModel, slots: int) -> tuple[dict, int]:
-    """({part: bytes} held per micro-batch, bytes of the largest recomputed group) of one chunk."""
+    """({part: bytes} held per micro-batch, the largest one-off buffer: a recomputed layer group or
+    a block's routed terms) of one chunk."""
     block = chunk.decoder
     groups = _layer_groups(block)
     kept_stream, calls, recomputed = _walk_stream(block, delta, groups)
@@ -395,7 +399,12 @@ def chunk_activations(chunk, delta, model: ActivationModel, slots: int) -> tuple
          for (start, end), group_calls in zip(recomputed_groups, recomputed)],
         default=0,
     )
-    return parts, recompute_peak
+    # delta_block routes the sublayers of a block (as far as it lies in one layer group) in one
+    # pass: their routed terms exist together while the block's layers run.
+    routed_ahead = max([2 * len(run) * model.stream_bytes for start, end, _ in groups
+                        for run in block._routing_runs(block.layers[start:end])],
+                       default=0) if delta.block_sources_fixed else 0
+    return parts, max(recompute_peak, routed_ahead)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,12 +574,31 @@ def format_plan(plan: Plan, cfg: RunConfig) -> str:
         "reserved for CUDA context, NCCL/cuBLAS workspaces and fragmentation).",
         "µb in flight: model-chunk micro-batches whose activations are held at the schedule's peak "
         "(1F1B: min(pp - rank, micro-batches); interleaved: more, each 1/vpp of a rank's layers).",
-        "transient: the fp32 copy of one micro-batch's logits (last stage) or one recomputed layer group.",
+        "transient: the fp32 copy of one micro-batch's logits (last stage), one recomputed layer group, or",
+        "the routed terms of one block (delta_block routes a block's sublayers in one pass).",
     ]
     if plan.boundaries:
         notes.append(f"sends: one [{max(b['tensors'] for b in plan.boundaries)} x s, b, h] message per micro-batch "
                      "forward, and its gradient back (transport.boundary_bytes).")
+        notes += ["", "Pipeline traffic per micro-batch and hop, forward (the gradients come back the same size):",
+                  format_hops(plan.boundaries)]
     return "\n".join(head + [memory] + notes)
+
+
+def format_hops(boundaries: list) -> str:
+    """Per hop of the pipeline ring: messages, the tensors that cross (sources a rank kept from its
+    previous chunk do not), MiB sent (padded to the message shape), and what a transport that
+    re-sent every source at every boundary would send."""
+    hops = {}
+    for b in boundaries:
+        hops.setdefault(tuple(b["hop"]), []).append(b)
+    slot = boundaries[0]["sent_bytes"] // max(b["tensors"] for b in boundaries)
+    resend = max(b["state_tensors"] for b in boundaries) * slot
+    rows = [[f"{a} -> {z}", len(bs), " + ".join(str(b["tensors"]) for b in bs),
+             " + ".join(str(b["state_tensors"]) for b in bs), _mib(sum(b["sent_bytes"] for b in bs)),
+             _mib(len(bs) * resend)]
+            for (a, z), bs in sorted(hops.items())]
+    return _table(["hop", "messages", "tensors", "re-sending all", "MiB sent", "MiB re-sending all"], rows)
 
 
 def parse_args(argv):

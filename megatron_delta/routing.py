@@ -101,11 +101,39 @@ class DepthRouter(torch.nn.Module):
             param.sequence_parallel = config.sequence_parallel
         self.stats = None  # a _RouterStats while collect_routing_stats is active
 
-    def forward(self, sources):
-        routed, alpha = route(sources, self.query, self.key_norm_weight, self.eps)
+    def weight(self, dtype):
+        """q * g in the accumulation dtype: the logits are (q * g) . s / rms(s)."""
+        return self.query.to(dtype) * self.key_norm_weight.to(dtype)
+
+    def forward(self, sources, residual=None):
+        """residual + route(sources) (just the routed term when `residual` is None). Without a
+        gate the add is fused into the GPU kernel's single write of h."""
+        fused_add = self.gate is None
+        out, alpha = route(sources, self.query, self.key_norm_weight, self.eps, residual if fused_add else None)
+        self._record(alpha)
+        return out if fused_add else self._gated(out, residual)
+
+    def _gated(self, routed, residual):
+        routed = routed if self.gate is None else routed * self.gate
+        return routed if residual is None else residual + routed
+
+    def _record(self, alpha):
         if self.stats is not None:
             self.stats.add(alpha)
-        return routed if self.gate is None else routed * self.gate
+
+
+def route_sublayers(routers, sources) -> list:
+    """The routed terms of several sublayers that read the same sources (the sublayers of one
+    delta_block block: its sources are fixed and its queries static), in one pass over the
+    sources on GPU (kernels.route_block); [routed term of each router, gate applied]."""
+    from megatron_delta import kernels
+
+    acc = torch.promote_types(sources[0].dtype, torch.float32)
+    weights = torch.stack([router.weight(acc) for router in routers])
+    routed, alpha = kernels.route_block(sources, weights, routers[0].eps)
+    for router, a in zip(routers, alpha):
+        router._record(a)
+    return [router._gated(r, None) for router, r in zip(routers, routed)]
 
 
 class _RouterStats:

@@ -68,10 +68,6 @@ class DepthState:
             return self.sources + [self.partial]
         return self.sources
 
-    def sublayer_input(self, routed: Tensor) -> Tensor:
-        """h = x + r (additive) or h = r (replacement)."""
-        return self.hidden + routed if self.delta.additive else routed
-
     def add_output(self, v: Tensor) -> "DepthState":
         hidden = self.hidden + v if self.delta.additive else None
         if self.delta.uses_blocks:

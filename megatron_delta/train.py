@@ -62,7 +62,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import unwrap_model
 
-from megatron_delta import collect_routing_stats, pipeline_seq_length
+from megatron_delta import collect_routing_stats, link_virtual_stages, pipeline_seq_length
 from megatron_delta.data import DataError, build_datasets, build_tokenizer
 from megatron_delta.run_config import (
     RunConfig,
@@ -164,6 +164,7 @@ def build_model(cfg: RunConfig, config, vocab_size: int, on_gpu: bool) -> list:
             model = Float16Module(config, model)
         # Only the first chunk's buffers are bucketed for overlap (as Megatron-LM).
         chunks.append(DistributedDataParallel(config, ddp_config, model, disable_bucketing=vp_stage > 0))
+    link_virtual_stages(chunks)
     return chunks
 
 

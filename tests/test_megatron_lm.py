@@ -161,7 +161,9 @@ def record_call(**kwargs):
 def seq_length_handed_to_schedule(delta, config, seq_length=32):
     wrapped = megatron_lm.with_pipeline_seq_length(record_call, delta)
     # Megatron-LM passes the DDP-wrapped chunks; get_model_config unwraps `.module` to the config.
-    model = [types.SimpleNamespace(module=types.SimpleNamespace(config=config))]
+    chunk = torch.nn.Module()
+    chunk.module = types.SimpleNamespace(config=config)
+    model = [chunk]
     call = wrapped(forward_step_func="step", data_iterator=None, model=model, num_microbatches=4,
                    seq_length=seq_length, micro_batch_size=2, forward_only=False)
     assert {k: v for k, v in call.items() if k != "seq_length"} == dict(
@@ -177,7 +179,8 @@ def seq_length_handed_to_schedule(delta, config, seq_length=32):
     ("delta_block", 8, 2, None, 6),      # blocks of 1 layer: x, x_0, D_0..D_3
     ("attnres_block", 4, 2, None, 3),    # replacement: no x
     ("delta_block", 2, 4, None, 4),      # boundary at layer 6 cuts block 1: x, partial, x_0, D_0
-    ("delta_block", 2, 2, 2, 4),         # same boundaries with interleaving (2 stages x 2 chunks)
+    ("delta_block", 2, 2, 2, 3),         # interleaved (2 stages x 2 chunks): a rank keeps x_0 and D_0
+                                         # from its first chunk, so at most x, partial, x_0 cross
     ("delta", 4, 2, None, 10),           # per sublayer: x, x_0, v_1..v_8
     ("attnres_full", 4, 2, None, 9),
     ("delta_block", 4, 1, None, 1),      # no pipeline: nothing packed
@@ -185,6 +188,21 @@ def seq_length_handed_to_schedule(delta, config, seq_length=32):
 def test_schedule_gets_the_packed_seq_length(variant, num_blocks, pp, vpp, slots):
     config = transformer_config(pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp)
     assert seq_length_handed_to_schedule(DeltaResidualConfig(variant, num_blocks), config) == slots * 32
+
+
+def test_schedule_wrapper_links_the_model_chunks_of_a_rank(single_process_world):
+    """Megatron-LM builds a rank's chunks one model-provider call at a time; the wrapper gives
+    them one SourceCache (interleaved PP keeps sources between them) and keeps it afterwards."""
+    delta = DeltaResidualConfig("delta_block", 2)
+    chunks = [DeltaGPTModel(config=transformer_config(num_layers=4), delta=delta, vocab_size=128,
+                            transformer_layer_spec=get_gpt_delta_layer_spec(delta, normalization="RMSNorm"),
+                            max_sequence_length=32) for _ in range(2)]
+    wrapped = megatron_lm.with_pipeline_seq_length(record_call, delta)
+    wrapped(model=chunks, seq_length=32)
+    cache = chunks[0].decoder.source_cache
+    assert cache is not None and chunks[1].decoder.source_cache is cache
+    wrapped(model=chunks, seq_length=32)
+    assert chunks[0].decoder.source_cache is cache and chunks[1].decoder.source_cache is cache
 
 
 def test_standard_model_keeps_megatrons_schedule_untouched():

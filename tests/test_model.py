@@ -20,8 +20,10 @@ from megatron_delta import (  # noqa: E402
     collect_routing_stats,
     get_gpt_delta_layer_spec,
 )
+from megatron_delta import kernels  # noqa: E402
 from megatron_delta.layer import DeltaTransformerLayer  # noqa: E402
 from megatron_delta.routing import DepthRoute, route  # noqa: E402
+from test_kernels import INTERPRETER_ON  # noqa: E402
 
 VOCAB, SEQ, BATCH = 128, 16, 2
 
@@ -120,6 +122,42 @@ def block_outputs_and_sources(variant):
     tokens, position_ids = batch()
     model(tokens, position_ids, None)
     return outputs, states
+
+
+@pytest.mark.parametrize("variant", ["delta", "delta_block", "attnres_block", "attnres_full"])
+def test_every_sublayer_reads_the_routed_input_of_the_method(variant):
+    """h_k, the input of sublayer k's pre-norm, against the method's equations evaluated (in
+    float64, with the stacked naive route) on the captured embedding and sublayer outputs:
+    additive h_k = x_{k-1} + route(S_k), replacement h_k = route(S_k), with S_k per variant."""
+    delta = DeltaResidualConfig(variant=variant, num_blocks=2)
+    model = build(delta, seed=7)
+    with torch.no_grad():  # away from the init, so that a wrong query or source set shows
+        for name, param in model.named_parameters():
+            if "router" in name:
+                param.copy_(torch.randn_like(param))
+    inputs, outputs, embedding = [], [], []
+    model.embedding.register_forward_hook(lambda m, a, out: embedding.append(out.detach()))
+    for layer in model.decoder.layers:
+        layer.input_layernorm.register_forward_hook(lambda m, a, out: inputs.append(a[0].detach()))
+        layer.pre_mlp_layernorm.register_forward_hook(lambda m, a, out: inputs.append(a[0].detach()))
+        layer.self_attention.register_forward_hook(lambda m, a, out: outputs.append(out[0].detach()))
+        layer.mlp.register_forward_hook(lambda m, a, out: outputs.append(out[0].detach()))
+    model(*batch(), None)
+
+    x0, v = embedding[0].double(), [o.double() for o in outputs]
+    routers = [r for layer in model.decoder.layers for r in (layer.attention_router, layer.mlp_router)]
+    per_block = 2 * delta.layers_per_block(4)  # sublayers per block
+    for k, router in enumerate(routers):
+        if variant in ("delta", "attnres_full"):
+            sources = [x0] + v[:k]
+        else:
+            first = k - k % per_block
+            sources = [x0] + [sum(v[b:b + per_block]) for b in range(0, first, per_block)]
+            if variant == "attnres_block" and k > first:
+                sources.append(sum(v[first:k]))
+        routed, _ = naive_route(sources, router.query.detach(), router.key_norm_weight.detach(), delta.norm_epsilon)
+        expected = x0 + sum(v[:k]) + routed if delta.additive else routed
+        torch.testing.assert_close(inputs[k].double(), expected, rtol=1e-5, atol=1e-5, msg=f"sublayer {k}")
 
 
 def test_delta_block_sources_are_block_sums_of_sublayer_outputs():
@@ -224,6 +262,49 @@ def test_routing_stats_report_sharpness_per_sublayer():
     assert last["num_sources"] == 8 and abs(sum(last["mean_weight"]) - 1) < 1e-5
     assert 1 / 8 <= last["max_weight"] <= 1 and 0 <= last["entropy"] <= torch.log(torch.tensor(8.0)).item()
     assert summary["layer_01.attention"]["max_weight"] == 1.0
+
+
+# ---------------------------------------------------------------- the fused kernels in the model
+
+def loss_and_grads(model):
+    model.zero_grad(set_to_none=True)
+    tokens, position_ids = batch()
+    loss = model(tokens, position_ids, None, labels=tokens).mean()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.skipif(not (kernels.HAVE_TRITON and INTERPRETER_ON),
+                    reason="runs the kernels on this file's CPU models: needs triton and TRITON_INTERPRET=1")
+@pytest.mark.parametrize("variant, expected_calls", [
+    # delta_block: one block-level pass per block (2 layers x 2 sublayers), no residual (x moves
+    # inside the block); delta: every sublayer with the residual add fused; attnres_block: every
+    # sublayer plus the final routing, no residual (replacement).
+    ("delta_block", [(4, False)] * 2),
+    ("delta", [(1, True)] * 8),
+    ("attnres_block", [(1, False)] * 9),
+])
+def test_fused_kernels_in_the_model_match_the_reference_path(variant, expected_calls, monkeypatch):
+    """Every routing call of the model on the Triton kernels (in Triton's interpreter: the models
+    of this file live on the CPU) gives the reference path's loss and gradients."""
+    model = build(DeltaResidualConfig(variant=variant, num_blocks=2), seed=5)
+    ref_loss, ref_grads = loss_and_grads(model)
+
+    calls, fused_apply = [], kernels.FusedDepthRoute.apply
+
+    def counted_apply(weights, eps, residual, *sources):
+        calls.append((weights.shape[0], residual is not None))
+        return fused_apply(weights, eps, residual, *sources)
+
+    monkeypatch.setattr(kernels.FusedDepthRoute, "apply", counted_apply)
+    monkeypatch.setattr(kernels, "supports", lambda tensors: all(
+        t.dtype == torch.float32 and t.is_contiguous() and t.shape == tensors[0].shape for t in tensors))
+    loss, grads = loss_and_grads(model)
+    assert calls == expected_calls
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
+    for name, ref in ref_grads.items():
+        scale = ref.abs().max().item()
+        assert (grads[name] - ref).abs().max().item() <= 1e-5 * scale + 1e-12, name
 
 
 # ---------------------------------------------------------------- bad configs fail early

@@ -46,6 +46,7 @@ SMALL = {
     "data": dict(blend=None, tokenizer="byte", create_attention_mask=True),
 }
 TP2, PP2 = "parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"
+VPP2 = "parallel.virtual_pipeline_model_parallel_size=2"
 CASES = {
     "tp2_sp_qk_layernorm": [TP2, "parallel.sequence_parallel=true", "model.qk_layernorm=true"],
     "tp2_full_recompute": [TP2, "training.recompute_granularity=full", "training.recompute_method=uniform",
@@ -56,8 +57,12 @@ CASES = {
     "pp2_delta_identity": [PP2, "delta.variant=delta", "delta.init=identity"],
     "pp2_attnres_block": [PP2, "delta.variant=attnres_block"],
     "pp2_standard": [PP2, "delta.variant=standard"],
-    "pp2_vpp2_attnres_full": [PP2, "parallel.virtual_pipeline_model_parallel_size=2",
-                              "delta.variant=attnres_full", "training.global_batch_size=4"],
+    "pp2_vpp2_attnres_full": [PP2, VPP2, "delta.variant=attnres_full", "training.global_batch_size=4"],
+    # Ranks keep sources for their later chunk (held until the earlier chunk's backward).
+    "pp2_vpp2_delta": [PP2, VPP2, "delta.variant=delta", "training.global_batch_size=4"],
+    "pp2_vpp2_delta_block_full_recompute": [PP2, VPP2, "training.global_batch_size=4",
+                                            "training.recompute_granularity=full",
+                                            "training.recompute_method=uniform", "training.recompute_num_layers=1"],
 }
 
 

@@ -6,8 +6,9 @@ Every assertion is on a report all ranks share, so all ranks pass or fail togeth
 """
 
 import pytest
+import torch
 
-from megatron_delta import parity
+from megatron_delta import DeltaResidualConfig, parity, pipeline_seq_length
 from megatron_delta.parity import Mesh, Problem, run_parity
 
 # Variants under the mesh suite; add a variant here to put it under every mesh below.
@@ -23,11 +24,17 @@ MESHES = {
     "dp4_dist_opt": Mesh(dist_opt=True),
     "tp2_recompute_full": Mesh(tp=2, recompute="full"),
     "pp2_recompute_selective": Mesh(pp=2, recompute="selective"),
+    # Interleaved rings where ranks keep sources for their later chunks: every source crosses 3
+    # hops (PP4), and a middle chunk both reads kept sources and keeps them (VPP3), recomputed.
+    "pp4_vpp2": Mesh(pp=4, vpp=2),
+    "pp2_vpp3_recompute_full": Mesh(pp=2, vpp=3, recompute="full"),
 }
+# One layer per model chunk: layers = pp x vpp where that exceeds the default 4.
+LAYERS = {"pp4_vpp2": 8, "pp2_vpp3_recompute_full": 6}
 # The Kimi baselines skip only the pure data-parallel layout (their routing code is the same as
 # delta's there), to keep the 4-rank session short; delta and delta_block run on every mesh.
 CASES = [
-    pytest.param(mesh, variant, id=f"{name}-{variant}")
+    pytest.param(mesh, Problem(variant=variant, layers=LAYERS.get(name, 4)), id=f"{name}-{variant}")
     for variant in VARIANTS
     for name, mesh in MESHES.items()
     if not (variant.startswith("attnres") and name == "dp4_dist_opt")
@@ -40,9 +47,9 @@ def _assert_parity(report):
     assert len(report.grad_errors) > 0 and not report.failures
 
 
-@pytest.mark.parametrize("mesh, variant", CASES)
-def test_mesh_matches_one_process(mesh, variant):
-    _assert_parity(run_parity(mesh, Problem(variant=variant)))
+@pytest.mark.parametrize("mesh, problem", CASES)
+def test_mesh_matches_one_process(mesh, problem):
+    _assert_parity(run_parity(mesh, problem))
 
 
 @pytest.mark.parametrize("variant", ["standard", "delta_block"])
@@ -68,3 +75,22 @@ def test_check_detects_swapped_pipeline_messages(monkeypatch):
     report = run_parity(Mesh(pp=2, vpp=2), Problem())
     assert not report.failures
     assert report.loss_rel_error > 1e-4 and report.max_grad_rel_error > 1e-2, report.table()
+
+
+def test_interleaved_chunks_that_were_not_linked_are_a_clear_error():
+    """A rank's later model chunk reads the sources its earlier chunk kept; built without
+    link_virtual_stages it says so instead of failing inside the schedule."""
+    problem, mesh = Problem(variant="delta_block"), Mesh(pp=2, vpp=2)
+    parity._init_model_parallel(mesh.tp, mesh.pp, mesh.vpp, seed=problem.seed)
+    try:
+        config = parity._transformer_config(problem, mesh)
+        delta = DeltaResidualConfig("delta_block", problem.num_blocks)
+        # Both chunks: building them all-reduces the tied embedding between the first and last.
+        chunk = [parity._build_chunk(problem, config, delta, vp_stage) for vp_stage in (0, 1)][1]
+        chunk.set_input_tensor(torch.zeros(pipeline_seq_length(chunk.delta, config, problem.seq),
+                                           problem.micro_batch, problem.hidden))
+        tokens = torch.zeros(problem.micro_batch, problem.seq, dtype=torch.long)
+        with pytest.raises(RuntimeError, match=r"call megatron_delta.link_virtual_stages\(model_chunks\)"):
+            chunk(tokens, torch.arange(problem.seq).expand(problem.micro_batch, -1), None)
+    finally:
+        parity.destroy_model_parallel()
