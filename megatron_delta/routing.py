@@ -58,14 +58,20 @@ class DepthRoute(torch.autograd.Function):
         return (grad_weight, None, *grad_sources)
 
 
+def routing_weight(query, key_norm_weight, sources):
+    """q * g in the accumulation dtype of `sources` (fp32; fp64 for fp64 sources): the logits
+    are (q * g) . s / rms(s)."""
+    acc = torch.promote_types(sources[0].dtype, torch.float32)
+    return query.to(acc) * key_norm_weight.to(acc)
+
+
 def route(sources, query, key_norm_weight, eps, residual=None):
     """The routed term (plus `residual`, if given: h = x + r in one pass on GPU) and the routing
     weights (fp32 [K, ...]) for one sublayer. On GPU this runs the fused Triton kernel
     (megatron_delta/kernels.py); elsewhere DepthRoute, the reference."""
     from megatron_delta import kernels  # kernels builds on DepthRoute: imported here, not at the top
 
-    acc = torch.promote_types(sources[0].dtype, torch.float32)
-    weight = query.to(acc) * key_norm_weight.to(acc)
+    weight = routing_weight(query, key_norm_weight, sources)
     if kernels.supports(sources if residual is None else [*sources, residual]):
         return kernels.fused_route(sources, weight, eps, residual)
     routed, alpha = DepthRoute.apply(weight, eps, *sources)
@@ -101,10 +107,6 @@ class DepthRouter(torch.nn.Module):
             param.sequence_parallel = config.sequence_parallel
         self.stats = None  # a _RouterStats while collect_routing_stats is active
 
-    def weight(self, dtype):
-        """q * g in the accumulation dtype: the logits are (q * g) . s / rms(s)."""
-        return self.query.to(dtype) * self.key_norm_weight.to(dtype)
-
     def forward(self, sources, residual=None):
         """residual + route(sources) (just the routed term when `residual` is None). Without a
         gate the add is fused into the GPU kernel's single write of h."""
@@ -128,8 +130,7 @@ def route_sublayers(routers, sources) -> list:
     sources on GPU (kernels.route_block); [routed term of each router, gate applied]."""
     from megatron_delta import kernels
 
-    acc = torch.promote_types(sources[0].dtype, torch.float32)
-    weights = torch.stack([router.weight(acc) for router in routers])
+    weights = torch.stack([routing_weight(r.query, r.key_norm_weight, sources) for r in routers])
     routed, alpha = kernels.route_block(sources, weights, routers[0].eps)
     for router, a in zip(routers, alpha):
         router._record(a)
