@@ -35,7 +35,8 @@ from megatron.core.utils import get_model_config
 
 from megatron_delta.config import INITS, VARIANTS, DeltaConfigError, DeltaResidualConfig
 from megatron_delta.model import DeltaGPTModel, get_gpt_delta_layer_spec
-from megatron_delta.transport import link_virtual_stages, pipeline_seq_length
+from megatron_delta.block import link_virtual_stages
+from megatron_delta.transport import pipeline_seq_length
 
 # Routing parameters live in DepthRouter modules: "...layers.N.attention_router.query",
 # "...decoder.final_router.key_norm_weight", ... (fnmatch pattern on the parameter name).

@@ -322,10 +322,10 @@ def _walk_stream(block, delta, recompute_groups):
         if not block.pre_process:
             received[id(x)] = x
     elif block.pre_process:
-        state = DepthState.start(delta, _placeholder())
+        state = DepthState.start(block.rules, _placeholder())
     else:
         layout = block.boundary_in.layout
-        state = DepthState.from_tensors(delta, layout, [_placeholder() for _ in range(layout.num_tensors)])
+        state = DepthState.from_tensors(block.rules, layout, [_placeholder() for _ in range(layout.num_tensors)])
         received.update((id(t), t) for t in state.tensors())
 
     calls, recomputed = [], []
