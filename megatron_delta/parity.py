@@ -38,7 +38,7 @@ from megatron_delta import (
     link_virtual_stages,
     pipeline_seq_length,
 )
-from megatron_delta.config import VARIANTS
+from megatron_delta.config import VARIANTS, check_pipeline_split
 
 DEFAULT_TOLERANCE = 1e-5  # relative, fp32: observed agreement is <= 1e-6
 
@@ -261,8 +261,7 @@ def _check_layout(problem: Problem, mesh: Mesh, world_size: int) -> None:
         raise ValueError("sequence parallel needs tp > 1")
     if mesh.vpp and mesh.pp == 1:
         raise ValueError("virtual pipeline stages (vpp) need pp > 1")
-    if problem.layers % (mesh.pp * (mesh.vpp or 1)):
-        raise ValueError(f"layers={problem.layers} must be divisible by pp x vpp = {mesh.pp} x {mesh.vpp or 1}")
+    check_pipeline_split(problem.layers, mesh.pp, mesh.vpp, layers="layers", stages="pp x vpp")
     for field, value in (("heads", problem.heads), ("vocab", problem.vocab), ("seq", problem.seq)):
         if value % mesh.tp:
             raise ValueError(f"{field}={value} must be divisible by tp={mesh.tp}")
