@@ -28,9 +28,10 @@ from megatron_delta.state import DepthState
 
 class DeltaTransformerLayer(TransformerLayer):
     def __init__(self, config, submodules, layer_number=1, hidden_dropout=None,
-                 pg_collection=None, vp_stage=None, delta=None):
+                 pg_collection=None, vp_stage=None, delta=None, **megatron_kwargs):
+        # megatron_kwargs: what newer releases add (is_mtp_layer, pp_layer_offset, name, ...; see compat.py)
         super().__init__(config, submodules, layer_number=layer_number, hidden_dropout=hidden_dropout,
-                         pg_collection=pg_collection, vp_stage=vp_stage)
+                         pg_collection=pg_collection, vp_stage=vp_stage, **megatron_kwargs)
         self.delta = delta
         name = f"layer_{self.layer_number:02d}"
         self.attention_router = DepthRouter(config, delta, f"{name}.attention")

@@ -27,6 +27,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.utils import get_pg_rank
 
+from megatron_delta import compat
 from megatron_delta.block import DeltaTransformerBlock
 from megatron_delta.config import DeltaConfigError, DeltaResidualConfig
 from megatron_delta.layer import DeltaTransformerLayer
@@ -120,6 +121,7 @@ class DeltaGPTModel(GPTModel):
     def __init__(self, config, delta: DeltaResidualConfig, transformer_layer_spec, vocab_size: int,
                  max_sequence_length: int, pre_process: bool = True, post_process: bool = True,
                  vp_stage=None, pg_collection=None, **gpt_kwargs):
+        compat.check_supported()
         if not isinstance(delta, DeltaResidualConfig):
             raise DeltaConfigError(f"delta must be a DeltaResidualConfig, got {type(delta).__name__}")
         delta.validate_for(config)

@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import traceback
 
 import torch
 
@@ -95,8 +96,8 @@ class ParityReport:
 
     @property
     def loss_rel_error(self) -> float:
-        if len(self.losses_mesh) != len(self.losses_ref):
-            return float("nan")
+        if not self.losses_ref or len(self.losses_mesh) != len(self.losses_ref):
+            return float("nan")  # a rank failed before reporting
         return max(abs(m - r) / abs(r) for m, r in zip(self.losses_mesh, self.losses_ref))
 
     @property
@@ -428,7 +429,10 @@ def run_parity(mesh: Mesh, problem: Problem = Problem(), tolerance: float = DEFA
     try:
         ref_losses, ref_names, local = _compare_on_this_rank(problem, mesh, delta, device)
     except Exception as error:  # reported by every rank below instead of leaving the others waiting
-        local = dict(losses=None, errors={}, failure=f"rank {rank}: {type(error).__name__}: {error}")
+        # The innermost frame outside torch says where Megatron (or we) called what failed.
+        where = [f for f in traceback.extract_tb(error.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename][-1]
+        local = dict(losses=None, errors={}, failure=f"rank {rank}: {type(error).__name__}: {error} "
+                                                       f"({where.filename}:{where.lineno})")
     finally:
         destroy_model_parallel()
 

@@ -821,5 +821,7 @@ def main(argv=None) -> int:
     return train(cfg, start_from, weights_only)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the CLI, which checks the megatron-core release first
+    from megatron_delta import cli
+
+    sys.exit(cli.main(["train", *sys.argv[1:]]))

@@ -24,24 +24,19 @@ import types
 
 import pytest
 import torch
+from megatron.core.optimizer import OptimizerConfig, _get_param_groups, get_standard_config_overrides
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.identity_op import IdentityOp
 
-from megatron_delta import cpu_shim
-
-cpu_shim.install()
-
-from megatron.core.optimizer import OptimizerConfig, _get_param_groups, get_standard_config_overrides  # noqa: E402
-from megatron.core.transformer import TransformerConfig  # noqa: E402
-from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
-
-from megatron_delta import (  # noqa: E402
+from megatron_delta import (
     DeltaConfigError,
     DeltaGPTModel,
     DeltaResidualConfig,
     get_gpt_delta_layer_spec,
     megatron_lm,
 )
-from megatron_delta.layer import DeltaTransformerLayer  # noqa: E402
-from megatron_delta.model import HAVE_TE  # noqa: E402
+from megatron_delta.layer import DeltaTransformerLayer
+from megatron_delta.model import HAVE_TE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO, "examples", "megatron_lm", "pretrain_gpt_delta.py")

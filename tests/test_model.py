@@ -4,28 +4,25 @@ Parallel meshes are covered in tests/parallel/ (real processes over gloo)."""
 
 import pytest
 import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.transformer import TransformerConfig
 
-from megatron_delta import cpu_shim
-
-cpu_shim.install()
-
-from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
-from megatron.core.transformer import TransformerConfig  # noqa: E402
-
-from megatron_delta import (  # noqa: E402
+from megatron_delta import (
     DeltaConfigError,
     DeltaGPTModel,
     DeltaResidualConfig,
     collect_routing_stats,
     get_gpt_delta_layer_spec,
 )
-from megatron_delta import kernels  # noqa: E402
-from megatron_delta.layer import DeltaTransformerLayer  # noqa: E402
-from megatron_delta.routing import DepthRoute, route  # noqa: E402
-from test_kernels import INTERPRETER_ON  # noqa: E402
+from megatron_delta import kernels
+from megatron_delta.layer import DeltaTransformerLayer
+from megatron_delta.routing import DepthRoute, route
+from test_kernels import INTERPRETER_ON
 
 VOCAB, SEQ, BATCH = 128, 16, 2
+# The models are built on the CPU (use_cpu_initialization) and run where the tests run.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 pytestmark = pytest.mark.usefixtures("single_process_world")
@@ -49,14 +46,14 @@ def build(delta, config=None, seed=0, cls=DeltaGPTModel):
     spec = get_gpt_delta_layer_spec(delta, normalization="RMSNorm")
     kwargs = dict(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
                   position_embedding_type="rope")
-    return cls(delta=delta, **kwargs) if cls is DeltaGPTModel else cls(**kwargs)
+    return (cls(delta=delta, **kwargs) if cls is DeltaGPTModel else cls(**kwargs)).to(DEVICE)
 
 
 def batch(seed=1):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
     position_ids = torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1)
-    return tokens, position_ids
+    return tokens.to(DEVICE), position_ids.to(DEVICE)
 
 
 # ---------------------------------------------------------------- routing math
