@@ -27,7 +27,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "transformers", "triton"],  # triton: kernel tests in its CPU interpreter
+        # triton: kernel tests in its CPU interpreter (and imported by Megatron-LM's training code);
+        # six, pybind11: Megatron-LM's own requirements (tokenizers, its dataset-helper build) for
+        # tests/test_megatron_lm.py with MEGATRON_LM_PATH set.
+        "test": ["pytest", "transformers", "triton", "six", "pybind11"],
         # Transformer Engine for the TE spec and FP8. NVIDIA Apex is NOT on PyPI
         # (the PyPI package named `apex` is unrelated): build it from NVIDIA's source.
         "te": ["transformer-engine[pytorch]"],

@@ -115,11 +115,15 @@ def install_megatron_lm() -> None:
     """install() plus what Megatron-LM's training loop (megatron.training) needs on CPU; used by
     examples/megatron_lm/pretrain_gpt_delta.py when CUDA is unavailable."""
     install()
-    from megatron.legacy import fused_kernels
     from megatron.training import training
 
     training.initialize_megatron = functools.partial(training.initialize_megatron, allow_no_cuda=True)
     torch.cuda.device_count = lambda: 1  # otherwise no model-parallel groups are built
     torch.cuda.set_device = lambda device: None
-    fused_kernels.load = lambda args: None  # nvcc-built CUDA kernels
-    training.set_jit_fusion_options = lambda: None  # the JIT warm-up allocates on "cuda"
+    try:  # nvcc-built CUDA kernels (core_v0.16.1; core_v0.19.0 has no megatron.legacy)
+        from megatron.legacy import fused_kernels
+    except ImportError:
+        pass
+    else:
+        fused_kernels.load = lambda args: None
+    training.set_jit_fusion_options = lambda *args, **kwargs: None  # the JIT warm-up allocates on "cuda"

@@ -1,4 +1,4 @@
-"""Train DeltaGPTModel with Megatron-LM's own training scripts (tag core_v0.16.1).
+"""Train DeltaGPTModel with Megatron-LM's own training scripts (tags core_v0.16.1 and core_v0.19.0).
 
 Megatron-LM's pretrain_gpt.py needs three things changed for a routed model, and this module
 provides each one; both integration routes use them:
@@ -15,9 +15,12 @@ provides each one; both integration routes use them:
 
 Route 1, no edits to Megatron-LM: examples/megatron_lm/pretrain_gpt_delta.py calls
 install_training_hooks(), which rebinds the two names that megatron/training/training.py looks up
-at call time, then runs pretrain() with delta_gpt_builder.
-Route 2, a patched fork: patches/megatron-lm-core_v0.16.1-delta.patch imports the same functions
-into arguments.py, gpt_builders.py and training.py.
+at call time, then pretrain_with_model_provider() with delta_gpt_builder (it handles the two
+training APIs: core_v0.16.1's pretrain() parses the flags itself; core_v0.19.0's takes a config
+container built from flags parsed beforehand).
+Route 2, a patched fork: patches/megatron-lm-<tag>-delta.patch imports the same functions into
+arguments.py, gpt_builders.py and training.py (and, at core_v0.19.0, makes pretrain_gpt.py build
+routed variants through gpt_builder instead of its GPTModelConfig).
 
 Nothing here imports megatron.training at module import: the flag parsing, the config, the
 seq_length wrapper and the optimizer override work (and are tested) without Megatron-LM.
@@ -194,3 +197,35 @@ def install_training_hooks() -> None:
 
     training.get_forward_backward_func = get_forward_backward_func
     training.get_megatron_optimizer_config = get_megatron_optimizer_config
+
+
+def pretrain_with_model_provider(train_valid_test_datasets_provider, model_provider, forward_step_func, *,
+                                 extra_args_provider, args_defaults, get_embedding_ranks) -> None:
+    """Megatron-LM's pretrain() for a decoder-only model built by model_provider, with the
+    command-line flags parsed by Megatron-LM plus extra_args_provider, for either training API
+    (keyed on which one megatron.training has; in-process restart is honoured as
+    pretrain_gpt.py does):
+
+        core_v0.16.1   pretrain(datasets, model_provider, model_type, forward_step,
+                                extra_args_provider=..., args_defaults=...) parses the flags itself
+        core_v0.19.0   the flags are parsed first; pretrain(PretrainConfigContainer, datasets,
+                       model_type, forward_step, model_provider=...), the container holding no
+                       model config so that Megatron-LM builds the model with model_provider
+    """
+    from megatron.core.enums import ModelType
+    from megatron.training import inprocess_restart, pretrain
+
+    run_pretrain, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
+    try:
+        from megatron.training.argument_utils import pretrain_cfg_container_from_args
+    except ImportError:  # core_v0.16.1
+        run_pretrain(train_valid_test_datasets_provider, model_provider, ModelType.encoder_or_decoder,
+                     forward_step_func, extra_args_provider=extra_args_provider, args_defaults=args_defaults,
+                     store=store, get_embedding_ranks=get_embedding_ranks)
+        return
+    from megatron.training.arguments import parse_and_validate_args
+
+    args = parse_and_validate_args(extra_args_provider=extra_args_provider, args_defaults=args_defaults)
+    run_pretrain(pretrain_cfg_container_from_args(args), train_valid_test_datasets_provider,
+                 ModelType.encoder_or_decoder, forward_step_func, model_provider=model_provider, store=store,
+                 get_embedding_ranks=get_embedding_ranks)

@@ -3,10 +3,11 @@
 Always run: the delta flags -> DeltaResidualConfig, the checks of Megatron-LM options, the layer
 spec choice, the forward-backward wrapper's seq_length and the router LR parameter groups.
 
-Run only with MEGATRON_LM_PATH pointing at a Megatron-LM checkout that has tag core_v0.16.1 (plus
-Megatron-LM's own Python requirements: six, pybind11 and an importable triton): the launcher
-trains a tiny GPT on CPU (1 rank, and 2 pipeline stages), the patch applies with `git apply
---check` at the tag, and a fork patched with it trains too.
+Run only with MEGATRON_LM_PATH pointing at a clean Megatron-LM checkout of tag core_v0.16.1 or
+core_v0.19.0 (recognised by its training API; plus Megatron-LM's own Python requirements: six,
+pybind11 and an importable triton): the launcher trains a tiny GPT on CPU (1 rank, and 2 pipeline
+stages), the tag's patch applies with `git apply --check` to the checkout's files, and a copy
+patched with it trains too.
 """
 
 import argparse
@@ -23,32 +24,26 @@ import types
 
 import pytest
 import torch
+from megatron.core.optimizer import OptimizerConfig, _get_param_groups, get_standard_config_overrides
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.identity_op import IdentityOp
 
-from megatron_delta import cpu_shim
-
-cpu_shim.install()
-
-from megatron.core.optimizer import OptimizerConfig, _get_param_groups, get_standard_config_overrides  # noqa: E402
-from megatron.core.transformer import TransformerConfig  # noqa: E402
-from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
-
-from megatron_delta import (  # noqa: E402
+from megatron_delta import (
     DeltaConfigError,
     DeltaGPTModel,
     DeltaResidualConfig,
     get_gpt_delta_layer_spec,
     megatron_lm,
 )
-from megatron_delta.layer import DeltaTransformerLayer  # noqa: E402
-from megatron_delta.model import HAVE_TE  # noqa: E402
+from megatron_delta.layer import DeltaTransformerLayer
+from megatron_delta.model import HAVE_TE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO, "examples", "megatron_lm", "pretrain_gpt_delta.py")
-PATCH = os.path.join(REPO, "patches", "megatron-lm-core_v0.16.1-delta.patch")
-MEGATRON_LM_TAG = "core_v0.16.1"
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
 needs_megatron_lm = pytest.mark.skipif(
-    not MEGATRON_LM_PATH, reason="set MEGATRON_LM_PATH to a Megatron-LM checkout (tag core_v0.16.1) to run"
+    not MEGATRON_LM_PATH,
+    reason="set MEGATRON_LM_PATH to a Megatron-LM checkout (tag core_v0.16.1 or core_v0.19.0) to run",
 )
 
 
@@ -248,11 +243,41 @@ TINY_GPT = """
 """.split()
 
 
-def megatron_lm_env(megatron_lm_root: str) -> dict:
+def megatron_lm_tag() -> str:
+    """The tag of the MEGATRON_LM_PATH checkout, told apart by the training API that
+    megatron_lm.pretrain_with_model_provider keys on (core_v0.19.0 builds a config container)."""
+    argument_utils = os.path.join(MEGATRON_LM_PATH, "megatron", "training", "argument_utils.py")
+    if not os.path.isfile(argument_utils):
+        pytest.fail(f"MEGATRON_LM_PATH={MEGATRON_LM_PATH} is not a Megatron-LM checkout of core_v0.16.1 or "
+                    "core_v0.19.0 (no megatron/training/argument_utils.py)")
+    with open(argument_utils) as source:
+        return "core_v0.19.0" if "def pretrain_cfg_container_from_args(" in source.read() else "core_v0.16.1"
+
+
+def megatron_lm_patch() -> str:
+    return os.path.join(REPO, "patches", f"megatron-lm-{megatron_lm_tag()}-delta.patch")
+
+
+# Megatron-LM core_v0.19.0 imports typing.override (Python >= 3.12, as its megatron-core); these
+# machines run its Python code on 3.11, so its processes get the identical typing_extensions one.
+_PY311_TYPING_OVERRIDE = (
+    "import typing, typing_extensions\n"
+    "if not hasattr(typing, 'override'):\n"
+    "    typing.override = typing_extensions.override\n"
+)
+
+
+def megatron_lm_env(megatron_lm_root: str, scratch) -> dict:
     """Megatron-LM on PYTHONPATH, one thread per rank, and Megatron-LM's `make` of its dataset
     helpers building for this interpreter (its Makefile asks whatever `python3-config` is first
-    on PATH for the extension suffix)."""
+    on PATH for the extension suffix). On Python 3.11, a sitecustomize in `scratch` supplies
+    typing.override."""
     inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    if sys.version_info < (3, 12):
+        site = scratch / "py311"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(_PY311_TYPING_OVERRIDE)
+        inherited.append(str(site))
     path = os.pathsep.join([megatron_lm_root, REPO] + inherited)
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path,
             "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
@@ -262,7 +287,7 @@ def megatron_lm_env(megatron_lm_root: str) -> dict:
 def torchrun(script_args, nproc, megatron_lm_root, cwd, timeout=600):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                *script_args]
-    process = subprocess.Popen(command, cwd=cwd, env=megatron_lm_env(megatron_lm_root), stdout=subprocess.PIPE,
+    process = subprocess.Popen(command, cwd=cwd, env=megatron_lm_env(megatron_lm_root, cwd), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         log, _ = process.communicate(timeout=timeout)
@@ -277,16 +302,30 @@ def training_losses(log: str) -> list:
     return [float(x) for x in re.findall(r"iteration\s+\d+/\s*\d+ \|.*?\| lm loss: ([0-9.Ee+-]+)", log)]
 
 
+def padded_vocab_size(log: str) -> int:
+    """The vocabulary the model was built with, as Megatron-LM logs it (NullTokenizer with 128
+    tokens: 256 at core_v0.16.1, which adds an end-of-document token before padding; 128 at
+    core_v0.19.0)."""
+    return int(re.search(r"padded vocab \(size: \d+\) with \d+ dummy tokens \(new size: (\d+)\)", log).group(1))
+
+
+def parameters_on_rank_0(log: str) -> int:
+    """Megatron-LM's parameter count of model-parallel rank 0 (a (tp, pp) rank at core_v0.16.1,
+    (tp, gtp, pp) at core_v0.19.0)."""
+    return int(re.search(r"model parallel rank \(0(?:, 0)+\): (\d+)\n", log).group(1))
+
+
 def assert_trains(returncode, log, iterations=6):
     errors = [line for line in log.splitlines() if "Error" in line]
     assert returncode == 0, "\n".join([log[-3000:], "errors:"] + errors)
     losses = training_losses(log)
     assert len(losses) == iterations, log[-3000:]
     assert all(math.isfinite(loss) for loss in losses), losses
-    # Mock data is uniform over a 128-token vocabulary padded to 256: ln(256) = 5.55 at init.
-    assert abs(losses[0] - math.log(256)) < 0.2, losses
+    # At init the logits are near uniform over the padded vocabulary: ln(256) = 5.55, ln(128) = 4.85.
+    assert abs(losses[0] - math.log(padded_vocab_size(log))) < 0.2, losses
     assert losses[-1] < losses[0] - 0.05, losses
     assert "validation loss at iteration 6" in log
+    print(f"lm loss per iteration: {losses}")
     return losses
 
 
@@ -296,12 +335,12 @@ def test_launcher_trains_on_one_rank(tmp_path):
                                1, MEGATRON_LM_PATH, tmp_path)
     assert_trains(returncode, log)
     assert "building DeltaGPTModel (DeltaResidualConfig(variant='delta_block', num_blocks=2" in log
-    # Megatron-LM's GPT for these flags (swiglu ffn = 128, vocab padded to 256, tied output):
-    # embedding 256*64 + 4 layers * (qkv 64*192 + proj 64*64 + fc1 64*256 + fc2 128*64 + 2 norms)
-    # + final norm, plus the routing parameters the launcher must have added.
-    gpt = 256 * 64 + 4 * (64 * 192 + 64 * 64 + 64 * 256 + 128 * 64 + 2 * 64) + 64
+    # Megatron-LM's GPT for these flags (swiglu ffn = 128, tied output): embedding vocab*64
+    # + 4 layers * (qkv 64*192 + proj 64*64 + fc1 64*256 + fc2 128*64 + 2 norms) + final norm,
+    # plus the routing parameters the launcher must have added.
+    gpt = padded_vocab_size(log) * 64 + 4 * (64 * 192 + 64 * 64 + 64 * 256 + 128 * 64 + 2 * 64) + 64
     routing = 4 * DeltaResidualConfig("delta_block", 2).routing_params_per_layer(64)
-    assert f"model parallel rank (0, 0): {gpt + routing}\n" in log
+    assert parameters_on_rank_0(log) == gpt + routing
 
 
 @needs_megatron_lm
@@ -323,38 +362,35 @@ def test_launcher_refuses_bad_flags_before_training(tmp_path):
     assert not training_losses(log)
 
 
-def checkout_at_tag(destination, paths=()):
-    """Files of Megatron-LM at the tag (not the checkout's working tree), as plain files."""
-    if subprocess.run(["git", "-C", MEGATRON_LM_PATH, "rev-parse", "--verify", "--quiet", MEGATRON_LM_TAG],
-                      capture_output=True).returncode != 0:
-        pytest.skip(f"MEGATRON_LM_PATH={MEGATRON_LM_PATH} has no tag {MEGATRON_LM_TAG} (git fetch --tags)")
+def copy_of_checkout(destination, paths):
+    """The checkout's files at `paths` (with any dataset helpers it has compiled), in a new git
+    repository for `git apply`."""
     destination.mkdir()
-    archive = subprocess.run(["git", "-C", MEGATRON_LM_PATH, "archive", MEGATRON_LM_TAG, "--", *paths],
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True)
+    for path in paths:
+        source = os.path.join(MEGATRON_LM_PATH, path)
+        if os.path.isdir(source):
+            shutil.copytree(source, destination / path, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, destination / path)
     subprocess.run(["git", "init", "-q", str(destination)], check=True)
     return destination
 
 
 @needs_megatron_lm
-def test_patch_applies_cleanly_at_the_tag(tmp_path):
-    fork = checkout_at_tag(tmp_path / "megatron-lm", ["gpt_builders.py", "megatron/training"])
-    check = subprocess.run(["git", "apply", "--check", PATCH], cwd=fork, capture_output=True, text=True)
-    assert check.returncode == 0, check.stderr
+def test_patch_applies_cleanly_to_the_checkout(tmp_path):
+    fork = copy_of_checkout(tmp_path / "megatron-lm", ["gpt_builders.py", "pretrain_gpt.py", "megatron/training"])
+    check = subprocess.run(["git", "apply", "--check", megatron_lm_patch()], cwd=fork, capture_output=True,
+                           text=True)
+    assert check.returncode == 0, f"{megatron_lm_patch()} at {megatron_lm_tag()}:\n{check.stderr}"
 
 
 @needs_megatron_lm
 def test_patched_fork_trains_with_pretrain_gpt(tmp_path):
     """Megatron-LM's own pretrain_gpt.py, patched: delta routing over two pipeline stages with a
     router LR multiplier (run through a wrapper that only installs the CPU shim)."""
-    fork = checkout_at_tag(tmp_path / "megatron-lm", ["megatron", "gpt_builders.py", "model_provider.py",
-                                                      "pretrain_gpt.py"])
-    subprocess.run(["git", "apply", PATCH], cwd=fork, check=True)
-    # Reuse the checkout's compiled dataset helpers (newer than helpers.cpp, so make skips them).
-    helpers = os.path.join(MEGATRON_LM_PATH, "megatron", "core", "datasets")
-    for name in os.listdir(helpers):
-        if name.startswith("helpers_cpp") and name.endswith(".so"):
-            shutil.copy(os.path.join(helpers, name), fork / "megatron" / "core" / "datasets" / name)
+    fork = copy_of_checkout(tmp_path / "megatron-lm", ["megatron", "gpt_builders.py", "model_provider.py",
+                                                       "pretrain_gpt.py"])
+    subprocess.run(["git", "apply", megatron_lm_patch()], cwd=fork, check=True)
     runner = tmp_path / "cpu_pretrain_gpt.py"
     runner.write_text(
         "import runpy, sys\n"
@@ -396,7 +432,7 @@ def test_llama3_recipe_arguments_parse_with_megatron_lm(tmp_path):
         "                  args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage]))\n"
     )
     parsed = subprocess.run([sys.executable, "-c", parse_with_megatron_lm, json.dumps(command[11:])],
-                            env=megatron_lm_env(MEGATRON_LM_PATH), capture_output=True, text=True)
+                            env=megatron_lm_env(MEGATRON_LM_PATH, tmp_path), capture_output=True, text=True)
     assert parsed.returncode == 0, parsed.stderr[-3000:]
     assert json.loads(parsed.stdout.splitlines()[-1]) == [
         repr(DeltaResidualConfig("delta_block", 8, "reference")), "hybrid", 32, 2, 4]

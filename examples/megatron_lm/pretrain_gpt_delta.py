@@ -1,4 +1,5 @@
-"""Megatron-LM's pretrain_gpt.py with delta residuals, without editing Megatron-LM (core_v0.16.1).
+"""Megatron-LM's pretrain_gpt.py with delta residuals, without editing Megatron-LM (tags core_v0.16.1
+and core_v0.19.0).
 
     PYTHONPATH=/path/to/Megatron-LM torchrun --nproc_per_node 8 \\
         examples/megatron_lm/pretrain_gpt_delta.py <any pretrain_gpt.py arguments> \\
@@ -8,7 +9,8 @@
 Datasets, forward step, loss, checkpointing and logging are pretrain_gpt.py's own (imported from
 it; its __main__ block does not run on import). What differs: the model is built by
 megatron_delta.megatron_lm.delta_gpt_builder, and training.py's schedule lookup and optimizer
-config are rebound by install_training_hooks() (see that module). On a machine without CUDA
+config are rebound by install_training_hooks() (see that module); pretrain_with_model_provider()
+calls whichever of the two pretrain() APIs the Megatron-LM checkout has. On a machine without CUDA
 (tests, laptops) the CPU shim lets the same training loop run on gloo.
 """
 
@@ -21,8 +23,7 @@ from functools import partial  # noqa: E402
 import torch  # noqa: E402
 
 import pretrain_gpt  # noqa: E402  (Megatron-LM's script, from PYTHONPATH)
-from megatron.core.enums import ModelType  # noqa: E402
-from megatron.training import inprocess_restart, pretrain, set_startup_timestamps  # noqa: E402
+from megatron.training import set_startup_timestamps  # noqa: E402
 from model_provider import model_provider  # noqa: E402
 
 from megatron_delta import megatron_lm  # noqa: E402
@@ -44,15 +45,12 @@ def main():
 
     # As in pretrain_gpt.py: datasets are built on the ranks that need them, then broadcast.
     pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
-    run_pretrain, store = inprocess_restart.maybe_wrap_for_inprocess_restart(pretrain)
-    run_pretrain(
+    megatron_lm.pretrain_with_model_provider(
         pretrain_gpt.train_valid_test_datasets_provider,
         partial(model_provider, megatron_lm.delta_gpt_builder),
-        ModelType.encoder_or_decoder,
         pretrain_gpt.forward_step,
-        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
         extra_args_provider=add_args,
-        store=store,
+        args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
         get_embedding_ranks=pretrain_gpt.get_embedding_ranks,
     )
 

@@ -1,18 +1,18 @@
 #!/bin/bash
-# Llama-3 8B, FP8 on H100: Megatron-LM's examples/llama/train_llama3_8b_h100_fp8.sh (tag
-# core_v0.16.1) with delta residuals. Same model, data, optimizer and FP8 settings; the
+# Llama-3 8B, FP8 on H100: Megatron-LM's examples/llama/train_llama3_8b_h100_fp8.sh (tags
+# core_v0.16.1 and core_v0.19.0) with delta residuals. Same model, data, optimizer and FP8 settings; the
 # differences are the DELTA_ARGS block and the launcher (pretrain_gpt_delta.py, which runs
 # Megatron-LM's pretrain_gpt.py machinery unmodified).
 #
 #   MEGATRON_LM_PATH=/path/to/Megatron-LM bash train_llama3_8b_delta.sh \
 #       [CHECKPOINT_PATH] [TENSORBOARD_LOGS_PATH] [TOKENIZER_MODEL|MOCK] [DATA_PREFIX|MOCK]
 #
-# A fork patched with patches/megatron-lm-core_v0.16.1-delta.patch can run its own script
+# A fork patched with patches/megatron-lm-<tag>-delta.patch can run its own script
 # instead: PRETRAIN_SCRIPT=/path/to/fork/pretrain_gpt.py.
 # Variables below marked "override" can be set in the environment (e.g. PP_SIZE=2 VPP_LAYERS=4).
 set -euo pipefail
 
-: "${MEGATRON_LM_PATH:?set MEGATRON_LM_PATH to a Megatron-LM checkout at tag core_v0.16.1}"
+: "${MEGATRON_LM_PATH:?set MEGATRON_LM_PATH to a Megatron-LM checkout at tag core_v0.16.1 or core_v0.19.0}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PRETRAIN_SCRIPT=${PRETRAIN_SCRIPT:-"$HERE/pretrain_gpt_delta.py"}
 export PYTHONPATH="$MEGATRON_LM_PATH${PYTHONPATH:+:$PYTHONPATH}"
@@ -74,6 +74,7 @@ MODEL_ARGS=(
     --attention-dropout 0.0
     --hidden-dropout 0.0
     --swiglu
+    --normalization RMSNorm      # as in core_v0.19.0's recipe (core_v0.16.1's left LayerNorm)
     --init-method-std 0.0134
     --attention-backend fused
     --apply-layernorm-1p
