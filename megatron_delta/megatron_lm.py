@@ -34,10 +34,10 @@ import functools
 from megatron.core.pipeline_parallel import get_forward_backward_func as core_get_forward_backward_func
 from megatron.core.utils import get_model_config
 
+from megatron_delta.block import link_virtual_stages
 from megatron_delta.config import INITS, VARIANTS, DeltaConfigError, DeltaResidualConfig
 from megatron_delta.model import DeltaGPTModel, get_gpt_delta_layer_spec
 from megatron_delta.parameters import router_lr_overrides  # patches/ import it from this module
-from megatron_delta.block import link_virtual_stages
 from megatron_delta.transport import pipeline_seq_length
 
 # Megatron-LM options that gpt_builders.gpt_builder honours but delta_gpt_builder does not:
