@@ -1,0 +1,275 @@
+"""KV-cache inference, `megatron-delta generate` / `evaluate`, and the export of a model trained
+from scratch (megatron_delta.generate, megatron_delta.evaluate, megatron_delta.convert export).
+
+- Every variant, TP=1: incremental decoding with Megatron's StaticInferenceContext gives the
+  full-sequence forward's logits at every position (fp32, 1e-5 relative), and 32 greedy tokens
+  are identical with and without the KV cache (a batch of prompts of different lengths, each
+  equal to generating it alone).
+- TP=2: the same checks in two real processes over gloo (torchrun; this file is the worker), and
+  `megatron-delta generate` under torchrun prints what one process prints.
+- A real `megatron-delta train` run's checkpoint: `evaluate` reproduces the trainer's validation
+  loss; `convert export` writes a transformers directory (byte tokenizer, no HF source) whose
+  logits equal Megatron's and whose greedy generate(), with and without cache, equals
+  `megatron-delta generate`; without trust_remote_code it refuses to load.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_delta import cpu_shim
+
+cpu_shim.install()
+
+from megatron.core import dist_checkpointing, parallel_state  # noqa: E402
+from megatron.core.inference.contexts import StaticInferenceContext  # noqa: E402
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noqa: E402
+
+from megatron_delta import DeltaResidualConfig, convert, generate  # noqa: E402
+from megatron_delta.run_config import (  # noqa: E402
+    ModelConfig,
+    ParallelConfig,
+    RunConfig,
+    build_model_chunk,
+    build_transformer_config,
+)
+from test_parallel_suite import _torchrun  # noqa: E402
+from test_train import launch  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOLERANCE = 1e-5  # relative (max |diff| / max |reference|), fp32
+VOCAB = 96
+VARIANTS = {
+    "standard": DeltaResidualConfig("standard"),
+    "delta": DeltaResidualConfig("delta"),
+    "delta_block": DeltaResidualConfig("delta_block", num_blocks=2, init="identity"),
+    "attnres_block": DeltaResidualConfig("attnres_block", num_blocks=2),
+    "attnres_full": DeltaResidualConfig("attnres_full"),
+}
+PROMPTS = [[5, 17, 3, 60, 22, 9, 41], [70, 2, 33]]
+
+
+def run_config(delta: DeltaResidualConfig, tp: int = 1) -> RunConfig:
+    # GQA, q/k norms; a large init_method_std so that greedy decoding is not one repeated token.
+    model = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+                        seq_length=64, vocab_size=VOCAB, qk_layernorm=True, init_method_std=0.3)
+    return RunConfig(model=model, delta=delta, parallel=ParallelConfig(tensor_model_parallel_size=tp))
+
+
+def build(delta: DeltaResidualConfig, tp: int = 1, seed: int = 0):
+    """The model of run_config(delta, tp), this rank's TP slice of the same weights (CPU init
+    slices the full master weights), with nonzero gates so that identity-init routing is live."""
+    cfg = run_config(delta, tp)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    model = build_model_chunk(cfg, build_transformer_config(cfg, on_gpu=False), VOCAB, pre_process=True,
+                              post_process=True)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".gate"):
+                param.fill_(0.8)
+    return model.eval()
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours.double() - reference.double()).abs().max() / reference.double().abs().max()).item()
+
+
+@torch.no_grad()
+def cache_vs_full(model) -> dict:
+    """{"error": max relative error of the incremental logits at every position (prefill of 5,
+    then one token at a time), "greedy": [32 greedy tokens with cache, without cache, each
+    prompt alone]}."""
+    tokens = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(20).expand(2, -1)
+    full = model(tokens, positions, None, runtime_gather_output=True)
+    context = StaticInferenceContext(2, 20)
+    prefill = 5
+    steps = [model(tokens[:, :prefill], positions[:, :prefill], None, inference_context=context,
+                   runtime_gather_output=True)]
+    context.sequence_len_offset += prefill
+    for t in range(prefill, 20):
+        steps.append(model(tokens[:, t:t + 1], positions[:, t:t + 1], None, inference_context=context,
+                           runtime_gather_output=True))
+        context.sequence_len_offset += 1
+    incremental = torch.cat([s[:, -1:] for s in steps], dim=1)  # prefill returns the last position only
+    greedy = generate.Sampling()
+    return {
+        "error": relative_error(incremental, full[:, prefill - 1:]),
+        "greedy": [generate.generate_tokens(model, PROMPTS, 32, greedy, VOCAB, use_cache=True),
+                   generate.generate_tokens(model, PROMPTS, 32, greedy, VOCAB, use_cache=False),
+                   [generate.generate_tokens(model, [p], 32, greedy, VOCAB)[0] for p in PROMPTS]],
+    }
+
+
+def check_cache_vs_full(result: dict) -> None:
+    assert result["error"] < TOLERANCE, result["error"]
+    cached, uncached, alone = result["greedy"]
+    assert cached == uncached == alone
+    assert all(len(c) == 32 and len(set(c)) > 3 for c in cached), cached  # not a degenerate repetition
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    yield
+    parallel_state.destroy_model_parallel()
+
+
+# ---------------------------------------------------------------------------------------------- TP=1
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kv_cache_decoding_equals_the_full_forward(one_rank, variant):
+    check_cache_vs_full(cache_vs_full(build(VARIANTS[variant])))
+
+
+def test_sampling_options():
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(0))
+    greedy = logits.argmax(-1)
+
+    def draw(seed=0, **options):
+        sampling = generate.Sampling(seed=seed, **options)
+        return sampling.sample(logits, torch.Generator().manual_seed(seed))
+
+    assert torch.equal(draw(temperature=0.0), greedy)
+    assert torch.equal(draw(temperature=5.0, top_k=1), greedy)
+    assert torch.equal(draw(temperature=5.0, top_p=1e-6), greedy)
+    assert torch.equal(draw(seed=1, temperature=5.0), draw(seed=1, temperature=5.0))
+    samples = torch.stack([draw(seed=s, temperature=1.0, top_k=3) for s in range(200)])
+    top3 = logits.topk(3).indices
+    assert all(set(samples[:, row].tolist()) == set(top3[row].tolist()) for row in range(4))
+    for options, message in [(dict(temperature=-1.0), "--temperature"), (dict(top_p=0.0), "--top-p"),
+                             (dict(top_k=-2), "--top-k")]:
+        with pytest.raises(generate.GenerateError, match=message):
+            generate.Sampling(**options)
+
+
+# ---------------------------------------------------------------------------------------------- TP=2
+
+def _tp2_worker(out_dir: str) -> None:
+    """Runs under torchrun with 2 ranks: every variant's cache-vs-full checks at TP=2."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(2, 1)
+    results = {variant: cache_vs_full(build(delta, tp=2)) for variant, delta in VARIANTS.items()}
+    if dist.get_rank() == 0:
+        with open(os.path.join(out_dir, "tp2.json"), "w") as f:
+            json.dump(results, f)
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def test_tp2_kv_cache_decoding_equals_the_full_forward_and_tp1(one_rank, tmp_path):
+    result = _torchrun(2, os.path.join("tests", "test_generate.py"), "--tp2-worker", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    tp2 = json.load(open(tmp_path / "tp2.json"))
+    for variant, delta in VARIANTS.items():
+        check_cache_vs_full(tp2[variant])
+        # Same weights as one process (sliced master weights): the same greedy continuations.
+        tp1 = generate.generate_tokens(build(delta), PROMPTS, 32, generate.Sampling(), VOCAB)
+        assert tp2[variant]["greedy"][0] == tp1, variant
+
+
+# ---------------------------------------------------------------------------------------------- a trained run
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A 4-step `megatron-delta train` run of the tiny delta_block model (byte tokenizer, demo corpus)."""
+    root = tmp_path_factory.mktemp("trained")
+    launch(str(root / "run"), str(root / "data"), ["training.train_iters=4", "training.lr_decay_iters=4"])
+    return root
+
+
+def cli(*args, nproc: int = 1) -> subprocess.CompletedProcess:
+    if nproc > 1:
+        return _torchrun(nproc, "-m", "megatron_delta.cli", *args)
+    return subprocess.run([sys.executable, "-m", "megatron_delta.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_generate_command_one_process_and_tp2(trained_run, tmp_path):
+    checkpoint = str(trained_run / "run" / "checkpoints")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "def "}\n{"prompt": "The Python "}\n')
+    one = cli("generate", "--checkpoint", checkpoint, "--prompts-file", str(prompts), "--max-new-tokens", "24")
+    assert one.returncode == 0, one.stderr[-3000:]
+    lines = [json.loads(line) for line in one.stdout.splitlines() if line.startswith("{")]
+    assert [line["prompt"] for line in lines] == ["def ", "The Python "]
+    two = cli("generate", "--checkpoint", checkpoint, "--prompts-file", str(prompts), "--max-new-tokens", "24",
+              nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")] == lines
+
+
+def test_generate_reports_an_unusable_checkpoint(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli("generate", "--checkpoint", str(empty), "--prompt", "x")
+    assert result.returncode == 1
+    assert "megatron-delta generate: error: --checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_reproduces_the_trainers_validation_loss(trained_run, tmp_path):
+    metrics = [json.loads(line) for line in open(trained_run / "run" / "metrics.jsonl")]
+    val_loss = [m["val_loss"] for m in metrics if "val_loss" in m][-1]  # after the last step, as saved
+    prefix = str(trained_run / "data" / "pydoc-topics-py311-byte")
+    # The trainer evaluates eval_iters (2) global batches (8) of the validation split of 64-token sequences.
+    out = tmp_path / "eval.json"
+    result = cli("evaluate", "--checkpoint", str(trained_run / "run" / "checkpoints"), "--data-prefix", prefix,
+                 "--split", "valid", "--max-samples", "16", "--output-json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.load(open(out))
+    assert evaluated["seq_length"] == 64 and evaluated["samples"] == 16 and evaluated["tokens"] == 16 * 64
+    assert abs(evaluated["loss"] - val_loss) / val_loss < TOLERANCE, (evaluated["loss"], val_loss)
+    assert "perplexity" in result.stdout
+
+
+def test_from_scratch_export_runs_in_transformers(trained_run, one_rank, tmp_path):
+    import transformers
+
+    from megatron_delta.data import load_tokenizer
+
+    checkpoint = str(trained_run / "run" / "checkpoints")
+    exported = str(tmp_path / "hf")
+    assert convert.main(["export", "--checkpoint", checkpoint, "--output", exported]) == 0
+    config = json.load(open(os.path.join(exported, "config.json")))
+    assert config["model_type"] == "delta_llama" and config["delta"]["variant"] == "delta_block"
+    assert config["vocab_size"] == 258 and config["eos_token_id"] == 256  # the byte tokenizer's
+
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        transformers.AutoModelForCausalLM.from_pretrained(exported)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True).eval()
+
+    checkpoint = convert.resolve_checkpoint(checkpoint)
+    record = convert.read_checkpoint_record(checkpoint)
+    cfg = generate.inference_run_config(record, checkpoint)
+    model = generate.load_model_for_inference(checkpoint, cfg, build_transformer_config(cfg, on_gpu=False))
+    tokenizer = load_tokenizer("byte")
+    tokens = torch.tensor([tokenizer.tokenize("def read_file(path):\n    with open(path) as f:")])
+    with torch.no_grad():
+        ours = model(tokens, torch.arange(tokens.shape[1]).unsqueeze(0), None)[..., :258]
+        theirs = hf(tokens).logits
+    assert relative_error(theirs, ours) < TOLERANCE
+
+    prompt = tokens[:, :12]
+    ours = generate.generate_tokens(model, prompt.tolist(), 32, generate.Sampling(), 258, tokenizer.eod)[0]
+    for use_cache in (True, False):
+        out = hf.generate(prompt, max_new_tokens=32, do_sample=False, use_cache=use_cache)[0, 12:].tolist()
+        assert (out[: out.index(tokenizer.eod)] if tokenizer.eod in out else out) == ours, use_cache
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--tp2-worker"]:
+        _tp2_worker(sys.argv[2])
