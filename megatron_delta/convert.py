@@ -34,7 +34,9 @@ export: loads a checkpoint (one written by import, or a trainer checkpoint: iter
         AutoModelForCausalLM.from_pretrained(OUTPUT, trust_remote_code=True)
 
     The config of a model trained from scratch (no Hugging Face source) is derived from the
-    trainer's model section: Qwen3 with q/k norms, else Llama (RMSNorm, SwiGLU, RoPE, no biases).
+    trainer's model section: Qwen3 with q/k norms, else Llama (RMSNorm, SwiGLU, RoPE, no biases);
+    its tokenizer files are data.tokenizer_path's, or the byte tokenizer's written as a Hugging
+    Face tokenizer (ids = bytes, <eod> 256, <pad> 257).
     Importing an exported directory reads the routing back: export and import are exact inverses
     (the vocabulary-padding rows, no part of the HF model, are not exported and come back as zeros).
 
@@ -708,13 +710,14 @@ def _architecture(model: ModelConfig) -> dict:
 
 
 def _hf_config_of_checkpoint(checkpoint: str, record: CheckpointRecord, hf_dir: str | None):
-    """(config.json, directory holding its tokenizer / generation files or None) for an export:
-    --hf-dir, else the import record, else derived from a from-scratch run's model and tokenizer."""
+    """(config.json, directory holding its tokenizer / generation files or None, whether the
+    export writes the byte tokenizer's files) for an export: --hf-dir, else the import record, else
+    derived from a from-scratch run's model and tokenizer."""
     if hf_dir:
-        return read_hf_config(hf_dir), hf_dir
+        return read_hf_config(hf_dir), hf_dir, False
     if record.hf_config is not None:
         source = record.source_dir if record.source_dir and os.path.isdir(record.source_dir) else None
-        return record.hf_config, source
+        return record.hf_config, source, False
     if record.run is None:
         raise ConvertError(
             f"--checkpoint {checkpoint} records no model (no conversion.json or run_config.yaml); "
@@ -728,7 +731,8 @@ def _hf_config_of_checkpoint(checkpoint: str, record: CheckpointRecord, hf_dir: 
     except DataError as e:
         raise ConvertError(f"--checkpoint {checkpoint}: its tokenizer cannot be loaded: {e}") from None
     tokenizer_dir = data.tokenizer_path if data.tokenizer == "huggingface" else None
-    return hf_config_from_model(record.run.model, tokenizer.vocab_size, tokenizer.eod), tokenizer_dir
+    return (hf_config_from_model(record.run.model, tokenizer.vocab_size, tokenizer.eod), tokenizer_dir,
+            data.tokenizer == "byte")
 
 
 def _is_side_file(name: str) -> bool:
@@ -755,7 +759,7 @@ def export_hf(checkpoint: str, output: str, hf_dir: str | None = None, delta: De
     delta = recorded_delta or delta
     if delta is None:
         raise ConvertError(f"--checkpoint {checkpoint} records no routing variant; pass --variant and --num-blocks")
-    hf_config, files_dir = _hf_config_of_checkpoint(checkpoint, record, hf_dir)
+    hf_config, files_dir, byte_tokenizer = _hf_config_of_checkpoint(checkpoint, record, hf_dir)
     model_cfg = model_config_from_hf(hf_config)
     recorded, derived = _architecture(record.run.model) if record.run else {}, _architecture(model_cfg)
     for field, value in recorded.items():
@@ -788,6 +792,10 @@ def export_hf(checkpoint: str, output: str, hf_dir: str | None = None, delta: De
             if os.path.isfile(os.path.join(files_dir, name)) and _is_side_file(name):
                 shutil.copy2(os.path.join(files_dir, name), tmp)
                 written.append(name)
+        if byte_tokenizer:
+            from megatron_delta.data import write_hf_byte_tokenizer
+
+            written += write_hf_byte_tokenizer(tmp)
         if delta.routed or "config.json" not in written:
             with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(routed_hf_config(hf_config, delta) if delta.routed else hf_config, f, indent=2)

@@ -13,7 +13,7 @@ from scratch (megatron_delta.generate, megatron_delta.evaluate, megatron_delta.c
   `megatron-delta generate`; without trust_remote_code it refuses to load.
 """
 
-import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -236,28 +236,40 @@ def test_evaluate_reproduces_the_trainers_validation_loss(trained_run, tmp_path)
     assert "perplexity" in result.stdout
 
 
-def test_from_scratch_export_runs_in_transformers(trained_run, one_rank, tmp_path):
+@pytest.fixture(scope="module")
+def scratch_export(trained_run, tmp_path_factory):
+    """(trainer checkpoint, its `convert export` directory)."""
+    exported = str(tmp_path_factory.mktemp("exported") / "hf")
+    checkpoint = str(trained_run / "run" / "checkpoints")
+    assert convert.main(["export", "--checkpoint", checkpoint, "--output", exported]) == 0
+    return convert.resolve_checkpoint(checkpoint), exported
+
+
+def load_trained(checkpoint: str):
+    record = convert.read_checkpoint_record(checkpoint)
+    cfg = generate.inference_run_config(record, checkpoint)
+    return generate.load_model_for_inference(checkpoint, cfg, build_transformer_config(cfg, on_gpu=False))
+
+
+def test_from_scratch_export_runs_in_transformers(scratch_export, one_rank, tmp_path):
     import transformers
 
     from megatron_delta.data import load_tokenizer
 
-    checkpoint = str(trained_run / "run" / "checkpoints")
-    exported = str(tmp_path / "hf")
-    assert convert.main(["export", "--checkpoint", checkpoint, "--output", exported]) == 0
+    checkpoint, exported = scratch_export
     config = json.load(open(os.path.join(exported, "config.json")))
     assert config["model_type"] == "delta_llama" and config["delta"]["variant"] == "delta_block"
     assert config["vocab_size"] == 258 and config["eos_token_id"] == 256  # the byte tokenizer's
+    tokenizer = load_tokenizer("byte")
+    text = "def read_file(path):\n    with open(path) as f:  # héllo"
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    assert hf_tokenizer(text)["input_ids"] == tokenizer.tokenize(text) and hf_tokenizer.eos_token_id == tokenizer.eod
 
     with pytest.raises(ValueError, match="trust_remote_code"):
         transformers.AutoModelForCausalLM.from_pretrained(exported)
     hf = transformers.AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True).eval()
-
-    checkpoint = convert.resolve_checkpoint(checkpoint)
-    record = convert.read_checkpoint_record(checkpoint)
-    cfg = generate.inference_run_config(record, checkpoint)
-    model = generate.load_model_for_inference(checkpoint, cfg, build_transformer_config(cfg, on_gpu=False))
-    tokenizer = load_tokenizer("byte")
-    tokens = torch.tensor([tokenizer.tokenize("def read_file(path):\n    with open(path) as f:")])
+    model = load_trained(checkpoint)
+    tokens = torch.tensor([tokenizer.tokenize(text)])
     with torch.no_grad():
         ours = model(tokens, torch.arange(tokens.shape[1]).unsqueeze(0), None)[..., :258]
         theirs = hf(tokens).logits
@@ -268,6 +280,65 @@ def test_from_scratch_export_runs_in_transformers(trained_run, one_rank, tmp_pat
     for use_cache in (True, False):
         out = hf.generate(prompt, max_new_tokens=32, do_sample=False, use_cache=use_cache)[0, 12:].tolist()
         assert (out[: out.index(tokenizer.eod)] if tokenizer.eod in out else out) == ours, use_cache
+
+    # import(export(checkpoint)): every parameter of the trained model, routing included, bit for bit.
+    again = str(tmp_path / "again")
+    convert.import_hf(exported, again)
+    restored = load_trained(again)
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), restored.named_parameters()):
+        if n1 == "embedding.word_embeddings.weight":  # the padding rows are no part of the HF vocabulary
+            p1, p2 = p1[:258], p2[:258]
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+LM_EVAL_TASK = """task: megatron_delta_tiny
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{continuation}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                    reason="lm-evaluation-harness is not installed (pip install lm_eval)")
+def test_lm_eval_harness_scores_the_export(scratch_export, one_rank, tmp_path):
+    """lm-evaluation-harness (`--model hf ... trust_remote_code=True`) on a task file written here:
+    its log-likelihoods are the Megatron model's."""
+    from megatron_delta.data import load_tokenizer
+
+    checkpoint, exported = scratch_export
+    # (lm_eval moves a context's trailing whitespace into the continuation: these contexts have none)
+    docs = [{"context": "import os\nimport", "continuation": " sys"},
+            {"context": "The Python", "continuation": " language"}]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "task.yaml").write_text(LM_EVAL_TASK.format(data=tmp_path / "docs.jsonl"))
+    run = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={exported},trust_remote_code=True",
+         "--tasks", "megatron_delta_tiny", "--include_path", str(tmp_path), "--device", "cpu", "--batch_size", "1",
+         "--output_path", str(tmp_path / "out"), "--log_samples"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    samples_file = next(p for p in (tmp_path / "out").rglob("samples_megatron_delta_tiny*.jsonl"))
+    samples = sorted((json.loads(line) for line in open(samples_file)), key=lambda s: s["doc_id"])
+
+    model, tokenizer = load_trained(checkpoint), load_tokenizer("byte")
+    for doc, sample in zip(docs, samples):
+        context, continuation = tokenizer.tokenize(doc["context"]), tokenizer.tokenize(doc["continuation"])
+        tokens = torch.tensor([context + continuation])
+        with torch.no_grad():
+            logits = model(tokens, torch.arange(tokens.shape[1]).unsqueeze(0), None)[0, :, :258]
+        log_probs = logits.double().log_softmax(-1)[len(context) - 1: -1]
+        ours = log_probs.gather(-1, torch.tensor(continuation).unsqueeze(-1)).sum().item()
+        theirs = float(sample["resps"][0][0][0])
+        assert abs(theirs - ours) <= TOLERANCE * abs(ours), (doc, theirs, ours)
 
 
 if __name__ == "__main__":
