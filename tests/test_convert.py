@@ -366,6 +366,22 @@ def test_bad_input_fails_early_with_one_line(hf_models, tmp_path, capsys, change
     assert not os.path.exists(output)
 
 
+def test_from_scratch_model_section_gives_a_hf_config_and_back():
+    """hf_config_from_model inverts model_config_from_hf (Qwen3 with q/k norms, else Llama), and
+    refuses what a Qwen3 / Llama config cannot express."""
+    for qk in (True, False):
+        model = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                            ffn_hidden_size=96, seq_length=128, qk_layernorm=qk, rotary_base=50000, norm_epsilon=1e-6)
+        hf_config = convert.hf_config_from_model(model, vocab_size=258, eos_token_id=256)
+        assert hf_config["model_type"] == ("qwen3" if qk else "llama")
+        back = convert.model_config_from_hf(hf_config)
+        assert convert._architecture(back) == convert._architecture(model) and back.norm_epsilon == 1e-6
+    for field, value in [("normalization", "LayerNorm"), ("activation", "gelu"),
+                         ("position_embedding_type", "learned_absolute"), ("add_bias_linear", True)]:
+        with pytest.raises(convert.ConvertError, match=f"model.{field}="):
+            convert.hf_config_from_model(dataclasses.replace(ModelConfig(), **{field: value}), vocab_size=258)
+
+
 def test_existing_output_is_not_overwritten(hf_models, tmp_path):
     output = tmp_path / "out"
     output.mkdir()
