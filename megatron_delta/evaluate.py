@@ -20,14 +20,8 @@ import sys
 import torch
 
 from megatron_delta import convert
-from megatron_delta.data import DataConfig, DataError, build_datasets
-from megatron_delta.generate import (
-    GenerateError,
-    checkpoint_tokenizer,
-    inference_run_config,
-    load_model_for_inference,
-)
-from megatron_delta.run_config import RunConfigError
+from megatron_delta.data import DataConfig, build_datasets
+from megatron_delta.generate import GenerateError, inference_run_config, loaded_checkpoint, run_command
 
 SPLITS = ("train", "valid", "test")
 
@@ -73,46 +67,39 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    from megatron_delta.run_config import build_transformer_config
-    from megatron_delta.train import init_distributed, is_logging_rank, shutdown_distributed
+def evaluate_command(args) -> None:
+    from megatron_delta.train import is_logging_rank
 
-    args = parse_args(argv)
-    started = False
-    try:
-        if args.micro_batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
-            raise GenerateError("--micro-batch-size and --max-samples must be >= 1")
-        checkpoint = convert.resolve_checkpoint(args.checkpoint)
-        record = convert.read_checkpoint_record(checkpoint)
-        cfg = inference_run_config(record, checkpoint)
-        tokenizer = checkpoint_tokenizer(record, checkpoint, args.tokenizer_path)
-        split_weights = args.split_weights or (cfg.data.split if record.hf_config is None else "969,30,1")
-        # The sequences are cut as training cuts them; `tokenizer` (passed below) is the one used.
-        data = DataConfig(blend=args.data_prefix, split=split_weights, cache_dir=cfg.data.cache_dir,
-                          eod_mask_loss=cfg.data.eod_mask_loss, create_attention_mask=cfg.data.create_attention_mask)
-        index = SPLITS.index(args.split)
-        if index >= len(data.split.split(",")) or float(data.split.split(",")[index]) == 0:
-            raise GenerateError(f"--split {args.split}: --split-weights {data.split} gives it no data")
-        seq_length = args.seq_length or cfg.model.seq_length
-        init_distributed(cfg)
-        started = True
-        model = load_model_for_inference(checkpoint, cfg, build_transformer_config(cfg, torch.cuda.is_available()))
-        dataset = build_datasets(data, tokenizer, seq_length, (None, None, None), args.seed)[index]  # one epoch
+    if args.micro_batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
+        raise GenerateError("--micro-batch-size and --max-samples must be >= 1")
+    checkpoint = convert.resolve_checkpoint(args.checkpoint)
+    record = convert.read_checkpoint_record(checkpoint)
+    run = inference_run_config(record, checkpoint)
+    split_weights = args.split_weights or (run.data.split if record.hf_config is None else "969,30,1")
+    # The sequences are cut as training cuts them; the checkpoint's tokenizer (passed below) is the one used.
+    data = DataConfig(blend=args.data_prefix, split=split_weights, cache_dir=run.data.cache_dir,
+                      eod_mask_loss=run.data.eod_mask_loss, create_attention_mask=run.data.create_attention_mask)
+    index = SPLITS.index(args.split)
+    weights = data.split.split(",")
+    if index >= len(weights) or float(weights[index]) == 0:
+        raise GenerateError(f"--split {args.split}: --split-weights {data.split} gives it no data")
+    seq_length = args.seq_length or run.model.seq_length
+    with loaded_checkpoint(checkpoint, args.tokenizer_path) as loaded:
+        dataset = build_datasets(data, loaded.tokenizer, seq_length, (None, None, None), args.seed)[index]  # one epoch
         result = {"checkpoint": checkpoint, "split": args.split, "seq_length": seq_length,
-                  **evaluate_loss(model, dataset, args.micro_batch_size, args.max_samples)}
-        if is_logging_rank():
-            print(f"{args.split}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
-                  f"{result['tokens']} tokens in {result['samples']} sequences of {seq_length}")
-            if args.output_json:
-                with open(args.output_json, "w", encoding="utf-8") as f:
-                    json.dump(result, f, indent=2)
-    except (GenerateError, convert.ConvertError, RunConfigError, DataError, OSError) as e:
-        print(f"megatron-delta evaluate: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if started:
-            shutdown_distributed()
-    return 0
+                  **evaluate_loss(loaded.model, dataset, args.micro_batch_size, args.max_samples)}
+        printing = is_logging_rank()
+    if printing:
+        print(f"{args.split}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+              f"{result['tokens']} tokens in {result['samples']} sequences of {seq_length}")
+        if args.output_json:
+            with open(args.output_json, "w", encoding="utf-8") as f:
+                json.dump(result, f, indent=2)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_command("evaluate", lambda: evaluate_command(args))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ builds the CUDA-only dynamic engine, and its interface changed between megatron-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,11 +32,15 @@ import torch
 
 from megatron_delta import convert
 from megatron_delta.data import DataError, build_tokenizer, load_tokenizer
-from megatron_delta.run_config import ParallelConfig, RunConfig, RunConfigError
+from megatron_delta.run_config import ParallelConfig, RunConfig, RunConfigError, build_transformer_config
 
 
 class GenerateError(ValueError):
     """A checkpoint, prompt or option generation cannot use; the message names it and the fix."""
+
+
+# What a command reports as one line (exit status 1) instead of a traceback.
+USER_ERRORS = (GenerateError, convert.ConvertError, RunConfigError, DataError, OSError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,22 +55,33 @@ def inference_run_config(record: convert.CheckpointRecord, checkpoint: str) -> R
             f"conversion.json of `megatron-delta convert import` next to its metadata.json"
         )
     tp = int(os.environ.get("WORLD_SIZE", 1))
-    return dataclasses.replace(record.run, parallel=ParallelConfig(tensor_model_parallel_size=tp))
+    run = dataclasses.replace(record.run, parallel=ParallelConfig(tensor_model_parallel_size=tp))
+    run.validate(world_size=tp)  # heads, query groups, ... divisible by the TP size, named if not
+    return run
 
 
 def load_model_for_inference(checkpoint: str, cfg: RunConfig, config):
     """The DeltaGPTModel of `cfg`, this rank's slice, with the checkpoint's weights, in eval mode
     (dist_checkpointing reshards whatever mesh wrote it)."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from megatron_delta.run_config import build_model_chunk
 
     # The padded vocabulary the checkpoint holds (it can differ from what this TP size would pad to).
-    embedding = dist_checkpointing.load_tensors_metadata(checkpoint)["embedding.word_embeddings.weight"]
+    embedding = dist_checkpointing.load_tensors_metadata(checkpoint).get("embedding.word_embeddings.weight")
+    if embedding is None:
+        raise GenerateError(f"--checkpoint {checkpoint} holds no GPT model (no embedding.word_embeddings.weight)")
     model = build_model_chunk(cfg, config, embedding.global_shape[0], pre_process=True, post_process=True)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, checkpoint)
+    try:
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, checkpoint)
+    except (CheckpointingException, CheckpointException) as e:  # Megatron's checks, torch's shape checks
+        raise GenerateError(
+            f"--checkpoint {checkpoint}: its weights do not fit the model its run config describes ({e})"
+        ) from None
     model.load_state_dict(loaded["model"])
     return model.eval()
 
@@ -87,6 +103,44 @@ def checkpoint_tokenizer(record: convert.CheckpointRecord, checkpoint: str, toke
         f"--checkpoint {checkpoint} was imported from {record.source_dir}, which holds no tokenizer files; "
         f"pass --tokenizer-path DIR"
     )
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    path: str  # the resolved dist-checkpoint
+    record: convert.CheckpointRecord
+    cfg: RunConfig  # on the inference mesh
+    tokenizer: object
+    model: torch.nn.Module
+
+
+@contextlib.contextmanager
+def loaded_checkpoint(path: str, tokenizer_path: str | None = None):
+    """The checkpoint's model (this rank's TP slice, eval mode) and tokenizer, on a TP-only mesh
+    over the launched processes (one process without torchrun); the mesh is torn down on exit.
+    Nothing starts before the checkpoint, its record and its tokenizer are known to be usable."""
+    from megatron_delta.train import init_distributed, shutdown_distributed
+
+    checkpoint = convert.resolve_checkpoint(path)
+    record = convert.read_checkpoint_record(checkpoint)
+    cfg = inference_run_config(record, checkpoint)
+    tokenizer = checkpoint_tokenizer(record, checkpoint, tokenizer_path)
+    init_distributed(cfg)
+    try:
+        model = load_model_for_inference(checkpoint, cfg, build_transformer_config(cfg, torch.cuda.is_available()))
+        yield LoadedCheckpoint(checkpoint, record, cfg, tokenizer, model)
+    finally:
+        shutdown_distributed()
+
+
+def run_command(command: str, body) -> int:
+    """body(); 0, or 1 after one `megatron-delta COMMAND: error: ...` line for a user error."""
+    try:
+        body()
+    except USER_ERRORS as e:
+        print(f"megatron-delta {command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,44 +273,33 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    from megatron_delta.train import init_distributed, is_logging_rank, shutdown_distributed
-    from megatron_delta.run_config import build_transformer_config
+def generate_command(args) -> None:
+    from megatron_delta.train import is_logging_rank
 
-    args = parse_args(argv)
-    started = False
-    try:
-        if args.max_new_tokens < 1 or args.batch_size < 1:
-            raise GenerateError("--max-new-tokens and --batch-size must be >= 1")
-        sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-        prompts = read_prompts(args)
-        checkpoint = convert.resolve_checkpoint(args.checkpoint)
-        record = convert.read_checkpoint_record(checkpoint)
-        cfg = inference_run_config(record, checkpoint)
-        tokenizer = checkpoint_tokenizer(record, checkpoint, args.tokenizer_path)
-        init_distributed(cfg)
-        started = True
-        model = load_model_for_inference(checkpoint, cfg, build_transformer_config(cfg, torch.cuda.is_available()))
-        eod = getattr(tokenizer, "eod", None)
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise GenerateError("--max-new-tokens and --batch-size must be >= 1")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    prompts = read_prompts(args)
+    with loaded_checkpoint(args.checkpoint, args.tokenizer_path) as loaded:
+        tokenizer = loaded.tokenizer
         results = []
         for first in range(0, len(prompts), args.batch_size):
             batch = prompts[first: first + args.batch_size]
-            ids = generate_tokens(model, [tokenizer.tokenize(p) for p in batch], args.max_new_tokens, sampling,
-                                  tokenizer.vocab_size, eod, use_cache=not args.no_kv_cache)
+            ids = generate_tokens(loaded.model, [tokenizer.tokenize(p) for p in batch], args.max_new_tokens,
+                                  sampling, tokenizer.vocab_size, getattr(tokenizer, "eod", None),
+                                  use_cache=not args.no_kv_cache)
             results += [(p, tokenizer.detokenize(continuation)) for p, continuation in zip(batch, ids)]
-        if is_logging_rank():
-            for prompt, completion in results:
-                if args.prompt is not None:
-                    print(prompt + completion)
-                else:
-                    print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
-    except (GenerateError, convert.ConvertError, RunConfigError, DataError, OSError) as e:
-        print(f"megatron-delta generate: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if started:
-            shutdown_distributed()
-    return 0
+        printing = is_logging_rank()
+    for prompt, completion in results if printing else ():
+        if args.prompt is not None:
+            print(prompt + completion)
+        else:
+            print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_command("generate", lambda: generate_command(args))
 
 
 if __name__ == "__main__":

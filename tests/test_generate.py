@@ -26,7 +26,7 @@ from megatron_delta import cpu_shim
 
 cpu_shim.install()
 
-from megatron.core import dist_checkpointing, parallel_state  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
 from megatron.core.inference.contexts import StaticInferenceContext  # noqa: E402
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noqa: E402
 
@@ -114,22 +114,10 @@ def check_cache_vs_full(result: dict) -> None:
     assert all(len(c) == 32 and len(set(c)) > 3 for c in cached), cached  # not a degenerate repetition
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    parallel_state.initialize_model_parallel(1, 1)
-    yield
-    parallel_state.destroy_model_parallel()
-
-
 # ---------------------------------------------------------------------------------------------- TP=1
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_kv_cache_decoding_equals_the_full_forward(one_rank, variant):
+def test_kv_cache_decoding_equals_the_full_forward(single_process_world, variant):
     check_cache_vs_full(cache_vs_full(build(VARIANTS[variant])))
 
 
@@ -171,7 +159,7 @@ def _tp2_worker(out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def test_tp2_kv_cache_decoding_equals_the_full_forward_and_tp1(one_rank, tmp_path):
+def test_tp2_kv_cache_decoding_equals_the_full_forward_and_tp1(single_process_world, tmp_path):
     result = _torchrun(2, os.path.join("tests", "test_generate.py"), "--tp2-worker", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     tp2 = json.load(open(tmp_path / "tp2.json"))
@@ -213,12 +201,21 @@ def test_generate_command_one_process_and_tp2(trained_run, tmp_path):
     assert [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")] == lines
 
 
-def test_generate_reports_an_unusable_checkpoint(tmp_path):
+def test_generate_reports_an_unusable_checkpoint(trained_run, tmp_path):
+    import shutil
+
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = cli("generate", "--checkpoint", str(empty), "--prompt", "x")
-    assert result.returncode == 1
-    assert "megatron-delta generate: error: --checkpoint" in result.stderr and "Traceback" not in result.stderr
+    # A checkpoint whose run config does not describe its weights (hidden size 96, not 64).
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(convert.resolve_checkpoint(str(trained_run / "run" / "checkpoints")), mismatched)
+    config = (mismatched / "run_config.yaml").read_text()
+    (mismatched / "run_config.yaml").write_text(config.replace("hidden_size: 64", "hidden_size: 96"))
+    for checkpoint, message in [(empty, "is not a dist-checkpoint"), (mismatched, "do not fit the model")]:
+        result = cli("generate", "--checkpoint", str(checkpoint), "--prompt", "x")
+        assert result.returncode == 1, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("megatron-delta generate: error:")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
 def test_evaluate_reproduces_the_trainers_validation_loss(trained_run, tmp_path):
@@ -251,7 +248,7 @@ def load_trained(checkpoint: str):
     return generate.load_model_for_inference(checkpoint, cfg, build_transformer_config(cfg, on_gpu=False))
 
 
-def test_from_scratch_export_runs_in_transformers(scratch_export, one_rank, tmp_path):
+def test_from_scratch_export_runs_in_transformers(scratch_export, single_process_world, tmp_path):
     import transformers
 
     from megatron_delta.data import load_tokenizer
@@ -262,7 +259,7 @@ def test_from_scratch_export_runs_in_transformers(scratch_export, one_rank, tmp_
     assert config["vocab_size"] == 258 and config["eos_token_id"] == 256  # the byte tokenizer's
     tokenizer = load_tokenizer("byte")
     text = "def read_file(path):\n    with open(path) as f:  # héllo"
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(exported, trust_remote_code=True)
     assert hf_tokenizer(text)["input_ids"] == tokenizer.tokenize(text) and hf_tokenizer.eos_token_id == tokenizer.eod
 
     with pytest.raises(ValueError, match="trust_remote_code"):
@@ -308,7 +305,7 @@ metric_list:
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
                     reason="lm-evaluation-harness is not installed (pip install lm_eval)")
-def test_lm_eval_harness_scores_the_export(scratch_export, one_rank, tmp_path):
+def test_lm_eval_harness_scores_the_export(scratch_export, single_process_world, tmp_path):
     """lm-evaluation-harness (`--model hf ... trust_remote_code=True`) on a task file written here:
     its log-likelihoods are the Megatron model's."""
     from megatron_delta.data import load_tokenizer
