@@ -78,9 +78,10 @@ def load_model_for_inference(checkpoint: str, cfg: RunConfig, config):
         model.cuda(torch.cuda.current_device())
     try:
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, checkpoint)
-    except (CheckpointingException, CheckpointException) as e:  # Megatron's checks, torch's shape checks
+    except (CheckpointingException, CheckpointException) as e:  # Megatron's checks, raised inside torch's load
+        reason = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
         raise GenerateError(
-            f"--checkpoint {checkpoint}: its weights do not fit the model its run config describes ({e})"
+            f"--checkpoint {checkpoint}: its weights do not fit the model its run config describes ({reason})"
         ) from None
     model.load_state_dict(loaded["model"])
     return model.eval()
