@@ -21,7 +21,7 @@ from megatron.core import tensor_parallel
 from megatron.core.enums import Fp8Recipe
 from megatron.core.fp8_utils import get_fp8_context
 from megatron.core.transformer.transformer_block import TransformerBlock
-from megatron.core.utils import make_viewless_tensor
+from megatron.core.utils import WrappedTensor, make_viewless_tensor
 
 from megatron_delta import transport
 from megatron_delta.routing import DepthRouter, route_sublayers
@@ -58,12 +58,13 @@ class DeltaTransformerBlock(TransformerBlock):
                 rotary_pos_cos=None, rotary_pos_sin=None, rotary_pos_cos_sin=None, attention_bias=None,
                 inference_context=None, packed_seq_params=None, sequence_len_offset=None,
                 padding_mask=None, **unsupported):
-        if inference_context is not None or context is not None or unsupported.get("inference_params"):
+        if context is not None or unsupported.get("inference_params"):
             raise NotImplementedError(
-                "DeltaGPTModel supports training and full-sequence evaluation; KV-cache inference and "
-                "cross-attention are not implemented for routed models"
+                "DeltaGPTModel has no cross-attention; pass KV-cache state as inference_context"
             )
         if self.pre_process:
+            if isinstance(hidden_states, WrappedTensor):  # GPTModel wraps the embedding for inference
+                hidden_states = hidden_states.unwrap()
             embedding = make_viewless_tensor(hidden_states, requires_grad=True, keep_graph=True)
             state = DepthState.start(self.rules, embedding)
         else:
@@ -78,7 +79,7 @@ class DeltaTransformerBlock(TransformerBlock):
             attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos,
             rotary_pos_sin=rotary_pos_sin, attention_bias=attention_bias,
             packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset,
-            padding_mask=padding_mask,
+            padding_mask=padding_mask, inference_context=inference_context,
         )
         rng_context = (
             tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else nullcontext()

@@ -11,6 +11,8 @@ COMMANDS = {
     "plan": ("megatron_delta.plan", "per-rank memory / traffic plan for a parallel layout"),
     "convert": ("megatron_delta.convert", "Hugging Face <-> Megatron dist-checkpoint conversion"),
     "parity": ("megatron_delta.parity", "compare a parallel mesh against one process"),
+    "generate": ("megatron_delta.generate", "text from a checkpoint (Megatron KV cache; greedy or sampled)"),
+    "evaluate": ("megatron_delta.evaluate", "loss and perplexity of a checkpoint on an indexed dataset"),
 }
 
 

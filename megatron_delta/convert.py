@@ -19,19 +19,26 @@ import: reads config.json and model.safetensors (or the shards listed in model.s
 
 export: loads a checkpoint (one written by import, or a trainer checkpoint: iter_XXXXXXX/ or the
     checkpoint directory holding `latest`) into the same one-process model and writes a Hugging
-    Face directory: the standard weights in HF layout and in the original dtype (sharded like
-    save_pretrained above --max-shard-size), the original config.json and tokenizer files, and,
-    for routed variants, the routing parameters:
+    Face directory that transformers runs: the weights in HF layout and in the original dtype
+    (sharded like save_pretrained above --max-shard-size), the tokenizer and generation files,
+    and config.json. A routed model's directory also holds our model code (megatron_delta/hf:
+    configuration_delta.py, modeling_delta.py; torch + transformers only), which its config.json
+    names in `auto_map`:
 
-        delta_routing.safetensors  fp32; model.layers.{i}.{attention,mlp}_router.{query,key_norm_weight,gate}
-                                   (gate only for init="identity"; model.final_router.{query,key_norm_weight}
-                                   for the replacement variants)
-        delta_routing.json         variant, num_blocks, init, norm_epsilon, layer count, and the formula
+        model_type     delta_qwen3 / delta_llama (unknown to transformers: loading the directory
+                       without trust_remote_code=True fails instead of dropping the routing)
+        delta          variant, num_blocks, init, norm_epsilon
+        weights        + model.layers.{i}.{attention,mlp}_router.{query,key_norm_weight[,gate]} (fp32;
+                       gate for init="identity") and model.final_router.* (replacement variants)
 
-    Importing an exported directory reads both files back: export and import are exact inverses
+        AutoModelForCausalLM.from_pretrained(OUTPUT, trust_remote_code=True)
+
+    The config of a model trained from scratch (no Hugging Face source) is derived from the
+    trainer's model section: Qwen3 with q/k norms, else Llama (RMSNorm, SwiGLU, RoPE, no biases);
+    its tokenizer files are data.tokenizer_path's, or the byte tokenizer's written as a Hugging
+    Face tokenizer (ids = bytes, <eod> 256, <pad> 257).
+    Importing an exported directory reads the routing back: export and import are exact inverses
     (the vocabulary-padding rows, no part of the HF model, are not exported and come back as zeros).
-    The exported standard weights alone are a valid HF model, equal to the routed model only
-    while every gate is 0.
 
 Weight mapping (layer i; Megatron names are the local spec's, TE checkpoints use the same keys):
 
@@ -70,7 +77,9 @@ import sys
 import torch
 import yaml
 
+from megatron_delta import hf as hf_model_code
 from megatron_delta.config import DeltaConfigError, DeltaResidualConfig, check_pipeline_split
+from megatron_delta.parameters import is_routing_parameter
 from megatron_delta.run_config import (
     ModelConfig,
     ParallelConfig,
@@ -81,11 +90,10 @@ from megatron_delta.run_config import (
 )
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "llama")
+# our exported model types -> the family they extend
+ROUTED_MODEL_TYPES = {model_type: family for family, (model_type, _, _) in hf_model_code.FAMILIES.items()}
 IMPORT_VARIANTS = ("standard", "delta", "delta_block")  # the variants with an identity init
 CONVERSION_FILE = "conversion.json"  # written next to an imported dist-checkpoint
-ROUTING_WEIGHTS = "delta_routing.safetensors"
-ROUTING_CONFIG = "delta_routing.json"
-ROUTING_FORMAT = "megatron-delta routing v1"
 HF_INDEX = "model.safetensors.index.json"
 HF_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -135,10 +143,11 @@ def model_config_from_hf(hf_config: dict, make_vocab_size_divisible_by: int = 12
     vocab_size is the padded vocabulary the converted checkpoint holds; a fine-tuning run must
     use exactly this value (it does not depend on the TP size, unlike the trainer's default)."""
     model_type = hf_config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    family = ROUTED_MODEL_TYPES.get(model_type, model_type)
+    if family not in SUPPORTED_MODEL_TYPES:
         raise ConvertError(
             f"config.json model_type={model_type!r} is not supported; the converter handles "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{', '.join(SUPPORTED_MODEL_TYPES + tuple(ROUTED_MODEL_TYPES))}"
         )
     unsupported = {
         "hidden_act": (hf_config.get("hidden_act", "silu") != "silu", "only silu (SwiGLU MLP) is supported"),
@@ -184,7 +193,7 @@ def model_config_from_hf(hf_config: dict, make_vocab_size_divisible_by: int = 12
         activation="swiglu",
         position_embedding_type="rope",
         rotary_base=int(theta),
-        qk_layernorm=model_type == "qwen3",
+        qk_layernorm=family == "qwen3",
         add_bias_linear=False,
         untie_embeddings_and_output_weights=not hf_config.get("tie_word_embeddings", False),
         init_method_std=hf_config.get("initializer_range", 0.02),
@@ -192,6 +201,68 @@ def model_config_from_hf(hf_config: dict, make_vocab_size_divisible_by: int = 12
         attention_dropout=hf_config.get("attention_dropout", 0.0),
         transformer_impl="local",
     )
+
+
+def hf_config_from_model(model: ModelConfig, vocab_size: int, eos_token_id: int | None = None) -> dict:
+    """config.json of a model trained from scratch: Qwen3 when it has q/k norms, else Llama; the
+    inverse of model_config_from_hf (checked by a round trip). `vocab_size`: the tokenizer's."""
+    unsupported = {
+        "normalization": model.normalization != "RMSNorm",
+        "activation": model.activation != "swiglu",
+        "position_embedding_type": model.position_embedding_type != "rope",
+        "add_bias_linear": model.add_bias_linear,
+    }
+    for field, bad in unsupported.items():
+        if bad:
+            raise ConvertError(
+                f"model.{field}={getattr(model, field)!r}: a Hugging Face Qwen3 / Llama model needs RMSNorm, "
+                f"swiglu, rope and no linear biases"
+            )
+    family = "qwen3" if model.qk_layernorm else "llama"
+    return {
+        "architectures": ["Qwen3ForCausalLM" if family == "qwen3" else "LlamaForCausalLM"],
+        "model_type": family,
+        "vocab_size": vocab_size,
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_hidden_size or 4 * model.hidden_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.num_query_groups or model.num_attention_heads,
+        "head_dim": model.kv_channels or model.hidden_size // model.num_attention_heads,
+        "max_position_embeddings": model.max_position_embeddings or model.seq_length,
+        "rms_norm_eps": model.norm_epsilon,
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(model.rotary_base)},
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": model.attention_dropout,
+        "tie_word_embeddings": not model.untie_embeddings_and_output_weights,
+        "initializer_range": model.init_method_std,
+        "eos_token_id": eos_token_id,
+        "dtype": "float32",
+    }
+
+
+def routed_hf_config(hf_config: dict, delta: DeltaResidualConfig) -> dict:
+    """The config.json of a routed model: the family's config with our model type, the routing and
+    the auto_map naming the model code copied next to it."""
+    family = ROUTED_MODEL_TYPES.get(hf_config["model_type"], hf_config["model_type"])
+    model_type, config_class, model_class = hf_model_code.FAMILIES[family]
+    config = {key: value for key, value in hf_config.items() if key not in ("auto_map", "delta")}
+    return {
+        **config,
+        "model_type": model_type,
+        "architectures": [model_class],
+        "auto_map": {"AutoConfig": f"configuration_delta.{config_class}",
+                     "AutoModelForCausalLM": f"modeling_delta.{model_class}"},
+        "delta": dataclasses.asdict(delta),
+    }
+
+
+def delta_from_hf_config(hf_config: dict) -> DeltaResidualConfig | None:
+    """The routing an exported config.json records (None for a plain Qwen3 / Llama config)."""
+    if hf_config.get("model_type") not in ROUTED_MODEL_TYPES:
+        return None
+    return _delta_from_dict(hf_config.get("delta") or {}, "config.json delta")
 
 
 def transformer_config_from_hf(hf_config: dict, tensor_model_parallel_size: int = 1,
@@ -361,7 +432,7 @@ def megatron_to_hf(state: dict, layout: WeightLayout) -> dict:
 
 def routing_to_hf(state: dict) -> dict:
     """decoder.layers.{i}.{attention,mlp}_router.* / decoder.final_router.* -> model.<same>."""
-    return {"model." + name.removeprefix("decoder."): tensor for name, tensor in state.items() if "router" in name}
+    return {"model." + name.removeprefix("decoder."): tensor for name, tensor in state.items() if is_routing_parameter(name)}
 
 
 def routing_from_hf(routing: dict) -> dict:
@@ -438,38 +509,6 @@ def _delta_from_dict(values: dict, where: str) -> DeltaResidualConfig:
         raise ConvertError(f"{where}: {e}") from None
 
 
-def read_routing(hf_dir: str):
-    """(DeltaResidualConfig, {megatron name: tensor}) of an exported directory, or None if it has no routing files."""
-    from safetensors.torch import load_file
-
-    weights, config = os.path.join(hf_dir, ROUTING_WEIGHTS), os.path.join(hf_dir, ROUTING_CONFIG)
-    if not os.path.exists(weights) and not os.path.exists(config):
-        return None
-    if not (os.path.exists(weights) and os.path.exists(config)):
-        raise ConvertError(f"--hf-dir {hf_dir}: {ROUTING_WEIGHTS} and {ROUTING_CONFIG} go together; one is missing")
-    with open(config, encoding="utf-8") as f:
-        description = json.load(f)
-    if description.get("format") != ROUTING_FORMAT:
-        raise ConvertError(f"{config}: format {description.get('format')!r} is not {ROUTING_FORMAT!r}")
-    return _delta_from_dict(description, config), routing_from_hf(load_file(weights))
-
-
-def routing_description(delta: DeltaResidualConfig, model: ModelConfig) -> dict:
-    """The delta_routing.json written next to exported routing parameters."""
-    return {
-        "format": ROUTING_FORMAT,
-        **dataclasses.asdict(delta),
-        "num_layers": model.num_layers,
-        "hidden_size": model.hidden_size,
-        "layers_per_block": delta.layers_per_block(model.num_layers),
-        "keys": "model.layers.{i}.{attention,mlp}_router.{query,key_norm_weight[,gate]}"
-                + ("" if delta.additive else "; model.final_router.{query,key_norm_weight}"),
-        "formula": "per sublayer: alpha_i = softmax_i(query . RMSNorm_{key_norm_weight, norm_epsilon}(s_i)) over "
-                   "the sources s_i (see megatron_delta.state); r = sum_i alpha_i s_i (times gate when present); "
-                   "input h = x + r for delta/delta_block (x the residual stream), h = r for attnres_*",
-    }
-
-
 # ---------------------------------------------------------------------------------------------
 # The one-process model
 
@@ -522,7 +561,7 @@ def _load_into(module: torch.nn.Module, tensors: dict) -> None:
     """Copy `tensors` into the module's parameters; the names must be exactly its parameters, less
     any routing parameters (which then keep their initial values)."""
     params = dict(module.named_parameters())
-    missing = sorted(set(params) - set(tensors) - {n for n in params if "router" in n})
+    missing = sorted(set(params) - set(tensors) - {n for n in params if is_routing_parameter(n)})
     unexpected = sorted(set(tensors) - set(params))
     if missing or unexpected:
         raise ConvertError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -564,13 +603,12 @@ def import_hf(hf_dir: str, output: str, delta: DeltaResidualConfig | None = None
     """Hugging Face directory -> dist-checkpoint of a DeltaGPTModel at `output`. Returns the
     contents of output/conversion.json.
 
-    `delta` defaults to the routing of an exported directory (delta_routing.json, whose
-    parameters are then loaded too), else to delta_block with 4 blocks. Without routing files the
+    `delta` defaults to the routing of an exported directory (config.json `delta`, whose
+    parameters are then loaded too), else to delta_block with 4 blocks. Without saved routing the
     variant must have an identity init (standard, delta, delta_block with init="identity")."""
     hf_config = read_hf_config(hf_dir)
-    routing = read_routing(hf_dir)
-    if routing is not None:
-        saved_delta, routing_state = routing
+    saved_delta = delta_from_hf_config(hf_config)
+    if saved_delta is not None:
         if delta is not None and delta != saved_delta:
             raise ConvertError(
                 f"--hf-dir {hf_dir} holds routing parameters of {saved_delta}, not of the requested {delta}; "
@@ -578,7 +616,6 @@ def import_hf(hf_dir: str, output: str, delta: DeltaResidualConfig | None = None
             )
         delta = saved_delta
     else:
-        routing_state = {}
         delta = delta or DeltaResidualConfig(variant="delta_block", num_blocks=4, init="identity")
         if delta.variant not in IMPORT_VARIANTS or (delta.routed and delta.init != "identity"):
             raise ConvertError(
@@ -589,7 +626,9 @@ def import_hf(hf_dir: str, output: str, delta: DeltaResidualConfig | None = None
     check_layout(model_cfg, delta, tensor_model_parallel_size, pipeline_model_parallel_size,
                  virtual_pipeline_model_parallel_size)
     layout = WeightLayout.of(model_cfg, hf_config["vocab_size"])
-    state = {**hf_to_megatron(read_hf_weights(hf_dir), layout), **routing_state}
+    hf_weights = read_hf_weights(hf_dir)
+    routing = routing_from_hf({name: hf_weights.pop(name) for name in list(hf_weights) if "_router." in name})
+    state = {**hf_to_megatron(hf_weights, layout), **routing}
 
     from megatron.core import dist_checkpointing
 
@@ -623,56 +662,109 @@ def resolve_checkpoint(path: str) -> str:
     return found
 
 
-def _checkpoint_description(checkpoint: str):
-    """(hf_config or None, DeltaResidualConfig or None, model section dict or None) recorded in a checkpoint."""
+@dataclasses.dataclass
+class CheckpointRecord:
+    """What a checkpoint records about its model."""
+
+    run: RunConfig | None  # a trainer checkpoint's run_config.yaml; an imported one's model + delta sections
+    hf_config: dict | None = None  # imported: the source config.json
+    source_dir: str | None = None  # imported: the Hugging Face directory it came from
+
+
+def read_checkpoint_record(checkpoint: str) -> CheckpointRecord:
+    """The conversion.json of an imported checkpoint, else the trainer's run_config.yaml beside it
+    (an empty record if neither is there)."""
     conversion, run_config = os.path.join(checkpoint, CONVERSION_FILE), os.path.join(checkpoint, "run_config.yaml")
     if os.path.isfile(conversion):
         with open(conversion, encoding="utf-8") as f:
             record = json.load(f)
-        return record["hf_config"], _delta_from_dict(record["delta"], conversion), record["model"]
+        try:
+            model = ModelConfig(**record["model"])
+        except TypeError as e:
+            raise ConvertError(f"{conversion}: model section does not fit this version: {e}") from None
+        run = RunConfig(model=model, delta=_delta_from_dict(record["delta"], conversion))
+        return CheckpointRecord(run, record["hf_config"], record.get("source"))
     if os.path.isfile(run_config):
         from megatron_delta.run_config import load_run_config
 
         try:
-            cfg = load_run_config(run_config)
-        except RunConfigError as e:
+            return CheckpointRecord(load_run_config(run_config))
+        except (RunConfigError, ValueError) as e:
             raise ConvertError(f"{run_config}: {e}") from None
-        return None, cfg.delta, dataclasses.asdict(cfg.model)
-    return None, None, None
+    return CheckpointRecord(None)
 
 
 ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                        "kv_channels", "qk_layernorm", "untie_embeddings_and_output_weights", "rotary_base")
 
 
+def _architecture(model: ModelConfig) -> dict:
+    """The ARCHITECTURE_FIELDS of a model section, the trainer's None defaults resolved."""
+    values = {field: getattr(model, field) for field in ARCHITECTURE_FIELDS}
+    values["num_query_groups"] = values["num_query_groups"] or model.num_attention_heads
+    values["ffn_hidden_size"] = values["ffn_hidden_size"] or 4 * model.hidden_size
+    values["kv_channels"] = values["kv_channels"] or model.hidden_size // model.num_attention_heads
+    return values
+
+
+def _hf_config_of_checkpoint(checkpoint: str, record: CheckpointRecord, hf_dir: str | None):
+    """(config.json, directory holding its tokenizer / generation files or None, whether the
+    export writes the byte tokenizer's files) for an export: --hf-dir, else the import record, else
+    derived from a from-scratch run's model and tokenizer."""
+    if hf_dir:
+        return read_hf_config(hf_dir), hf_dir, False
+    if record.hf_config is not None:
+        source = record.source_dir if record.source_dir and os.path.isdir(record.source_dir) else None
+        return record.hf_config, source, False
+    if record.run is None:
+        raise ConvertError(
+            f"--checkpoint {checkpoint} records no model (no conversion.json or run_config.yaml); "
+            f"pass --hf-dir of the original model"
+        )
+    from megatron_delta.data import DataError, build_tokenizer
+
+    data = record.run.data
+    try:
+        tokenizer = build_tokenizer(data)
+    except DataError as e:
+        raise ConvertError(f"--checkpoint {checkpoint}: its tokenizer cannot be loaded: {e}") from None
+    tokenizer_dir = data.tokenizer_path if data.tokenizer == "huggingface" else None
+    return (hf_config_from_model(record.run.model, tokenizer.vocab_size, tokenizer.eod), tokenizer_dir,
+            data.tokenizer == "byte")
+
+
+def _is_side_file(name: str) -> bool:
+    """Tokenizer, generation and config files of an HF directory: not weights, not our model code."""
+    return not (name.endswith(HF_WEIGHT_SUFFIXES) or name.endswith(".index.json")
+                or name in hf_model_code.MODEL_CODE_FILES)
+
+
 def export_hf(checkpoint: str, output: str, hf_dir: str | None = None, delta: DeltaResidualConfig | None = None,
               dtype: str | None = None, max_shard_size: str = "5GB") -> list:
-    """Checkpoint -> Hugging Face directory at `output` (+ routing files for routed variants).
-    Returns the files written.
+    """Checkpoint -> Hugging Face directory at `output`. Returns the files written.
 
-    The HF config comes from `hf_dir` (also the source of tokenizer and generation files) or from
-    the conversion record of an imported checkpoint; the routing variant from the checkpoint
-    (conversion.json or the trainer's run_config.yaml), else from `delta`."""
+    The HF config comes from `hf_dir` (also the source of tokenizer and generation files), the
+    conversion record of an imported checkpoint, or a from-scratch run's model section; the
+    routing variant from the checkpoint (conversion.json or the trainer's run_config.yaml), else
+    from `delta`."""
     from megatron.core import dist_checkpointing
 
     checkpoint = resolve_checkpoint(checkpoint)
-    recorded_hf, recorded_delta, recorded_model = _checkpoint_description(checkpoint)
-    hf_config = read_hf_config(hf_dir) if hf_dir else recorded_hf
-    if hf_config is None:
-        raise ConvertError(
-            f"--checkpoint {checkpoint} records no Hugging Face config; pass --hf-dir of the original model"
-        )
+    record = read_checkpoint_record(checkpoint)
+    recorded_delta = record.run.delta if record.run else None
     if recorded_delta is not None and delta is not None and delta != recorded_delta:
         raise ConvertError(f"--checkpoint {checkpoint} is a {recorded_delta} model, not {delta}; leave out --variant")
     delta = recorded_delta or delta
     if delta is None:
         raise ConvertError(f"--checkpoint {checkpoint} records no routing variant; pass --variant and --num-blocks")
+    hf_config, files_dir, byte_tokenizer = _hf_config_of_checkpoint(checkpoint, record, hf_dir)
     model_cfg = model_config_from_hf(hf_config)
-    for field in ARCHITECTURE_FIELDS if recorded_model else ():
-        if recorded_model[field] != getattr(model_cfg, field):
+    recorded, derived = _architecture(record.run.model) if record.run else {}, _architecture(model_cfg)
+    for field, value in recorded.items():
+        if value != derived[field]:
             raise ConvertError(
-                f"--checkpoint {checkpoint} has model.{field}={recorded_model[field]!r} but the Hugging Face "
-                f"config gives {getattr(model_cfg, field)!r}; pass the --hf-dir this checkpoint was converted from"
+                f"--checkpoint {checkpoint} has model.{field}={value!r} but the Hugging Face config gives "
+                f"{derived[field]!r}; pass the --hf-dir this checkpoint was converted from"
             )
     embedding = dist_checkpointing.load_tensors_metadata(checkpoint)["embedding.word_embeddings.weight"]
     model_cfg = dataclasses.replace(model_cfg, vocab_size=embedding.global_shape[0])  # the padded vocabulary
@@ -691,27 +783,26 @@ def export_hf(checkpoint: str, output: str, hf_dir: str | None = None, delta: De
             model.load_state_dict(loaded["model"])
             state = {name: param.detach() for name, param in model.named_parameters()}
         hf_tensors = {name: own_copy(t, DTYPES[dtype_name]) for name, t in megatron_to_hf(state, layout).items()}
+        # Routing parameters stay fp32 (the model keeps them in fp32 whatever its dtype).
+        hf_tensors.update({name: own_copy(t, torch.float32) for name, t in routing_to_hf(state).items()})
         written = write_hf_weights(hf_tensors, tmp, max_shard_size)
-        if hf_dir:  # config, tokenizer and generation files of the original
-            for name in sorted(os.listdir(hf_dir)):
-                source = os.path.join(hf_dir, name)
-                if (os.path.isfile(source) and not name.endswith(HF_WEIGHT_SUFFIXES)
-                        and not name.endswith(".index.json") and not name.startswith("delta_routing")):
-                    shutil.copy2(source, tmp)
-                    written.append(name)
-        else:
+        for name in sorted(os.listdir(files_dir)) if files_dir else ():
+            if os.path.isfile(os.path.join(files_dir, name)) and _is_side_file(name):
+                shutil.copy2(os.path.join(files_dir, name), tmp)
+                written.append(name)
+        if byte_tokenizer:
+            from megatron_delta.data import write_hf_byte_tokenizer
+
+            written += write_hf_byte_tokenizer(tmp)
+        if delta.routed or "config.json" not in written:
             with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(hf_config, f, indent=2)
+                json.dump(routed_hf_config(hf_config, delta) if delta.routed else hf_config, f, indent=2)
             written.append("config.json")
         if delta.routed:
-            from safetensors.torch import save_file
-
-            save_file({name: own_copy(t, torch.float32) for name, t in routing_to_hf(state).items()},
-                      os.path.join(tmp, ROUTING_WEIGHTS), metadata={"format": "pt"})
-            with open(os.path.join(tmp, ROUTING_CONFIG), "w", encoding="utf-8") as f:
-                json.dump(routing_description(delta, model_cfg), f, indent=2)
-            written += [ROUTING_WEIGHTS, ROUTING_CONFIG]
-    return sorted(written)
+            for name in hf_model_code.MODEL_CODE_FILES:
+                shutil.copy2(os.path.join(hf_model_code.MODEL_CODE_DIR, name), tmp)
+            written += hf_model_code.MODEL_CODE_FILES
+    return sorted(set(written))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -738,7 +829,7 @@ def parse_args(argv):
     imp.add_argument("--hf-dir", required=True, help="local HF model directory (config.json + safetensors)")
     imp.add_argument("--output", required=True, help="new directory for the dist-checkpoint")
     imp.add_argument("--variant", choices=IMPORT_VARIANTS + ("attnres_block", "attnres_full"),
-                     help="routing variant (default: the HF directory's delta_routing.json, else delta_block)")
+                     help="routing variant (default: the HF directory's config.json delta, else delta_block)")
     imp.add_argument("--num-blocks", type=int, default=4, help="blocks of the block variants (default 4)")
     imp.add_argument("--init", choices=("identity", "reference"), help=argparse.SUPPRESS)
     imp.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check the model against")
@@ -747,7 +838,7 @@ def parse_args(argv):
     imp.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                      help="pad the vocabulary with zero rows to a multiple of this (default 128; 1: no padding)")
     imp.add_argument("--seed", type=int, default=1234, help="seed of the routing queries' initialisation")
-    exp = commands.add_parser("export", help="Megatron dist-checkpoint -> Hugging Face directory + routing files")
+    exp = commands.add_parser("export", help="Megatron dist-checkpoint -> Hugging Face model directory")
     exp.add_argument("--checkpoint", required=True,
                      help="dist-checkpoint (import output or iter_XXXXXXX) or a trainer checkpoint dir with `latest`")
     exp.add_argument("--output", required=True, help="new directory for the Hugging Face model")

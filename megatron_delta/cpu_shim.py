@@ -50,6 +50,12 @@ def install() -> None:
 
     # Schedules, causal masks, optimizer and clip_grads scalars, dist-ckpt exchange buffers are
     # created with a literal device="cuda" (or torch.cuda.current_device()).
+    # `with torch.device(...)` recognises factories by identity in a list it builds on first use:
+    # build it from the originals first, or the device context stops applying to them (transformers
+    # then materialises the rotary inv_freq buffer of a model loaded with from_pretrained as garbage).
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in ("zeros", "ones", "tensor", "empty", "empty_like"):
         setattr(torch, name, _on_cpu(getattr(torch, name)))
     # p2p buffers, DDP grad buffers, TP all-gather outputs and the attention workspace are allocated

@@ -174,6 +174,24 @@ def load_tokenizer(kind: str, path: str | None = None):
     return tokenizer
 
 
+def write_hf_byte_tokenizer(directory: str) -> list[str]:
+    """The byte tokenizer as Hugging Face tokenizer files, for exported models trained with it:
+    id = byte value (GPT-2's byte-level alphabet, no merges), <eod> = 256 (also eos), <pad> = 257.
+    Returns the files written."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<eod>", "<pad>"])  # ids 256, 257
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eod>", pad_token="<pad>")
+    assert (wrapped.eos_token_id, wrapped.pad_token_id) == (BYTE_EOD, BYTE_PAD)
+    return [os.path.basename(path) for path in wrapped.save_pretrained(directory)]
+
+
 # ---------------------------------------------------------------------------------------------------
 # preprocess: text / JSONL -> .bin/.idx
 

@@ -57,15 +57,18 @@ class DeltaTransformerLayer(TransformerLayer):
 
     def forward(self, state: DepthState, attention_mask=None, rotary_pos_emb=None, rotary_pos_cos=None,
                 rotary_pos_sin=None, attention_bias=None, packed_seq_params=None,
-                sequence_len_offset=None, padding_mask=None, routed=(None, None)) -> DepthState:
+                sequence_len_offset=None, padding_mask=None, inference_context=None,
+                routed=(None, None)) -> DepthState:
         """`routed`: the (attention, MLP) routed terms when the block already computed them
-        (delta_block routes all sublayers of a block in one pass); computed here otherwise."""
+        (delta_block routes all sublayers of a block in one pass); computed here otherwise.
+        With a KV cache (`inference_context`) only attention sees it: routing is per token, so
+        new tokens route over their own sources."""
         def attention(h):
             return self.self_attention(
                 self.input_layernorm(h), attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
                 rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
                 attention_bias=attention_bias, packed_seq_params=packed_seq_params,
-                sequence_len_offset=sequence_len_offset,
+                sequence_len_offset=sequence_len_offset, inference_context=inference_context,
             )
 
         def mlp(h):

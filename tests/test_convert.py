@@ -9,7 +9,11 @@ safetensors) and Llama (untied, GQA, a vocabulary that needs padding) models are
   delta and delta_block; opening the gates changes them (the parity is not vacuous).
 - TP=2 x PP=2: four real processes over gloo (torchrun) load the same checkpoint (converted in
   one process: dist_checkpointing reshards at load) and run Megatron's pipeline schedule.
-- export -> import and import -> export are exact (bit-equal tensors).
+- export -> import and import -> export are exact (bit-equal tensors), routing parameters included.
+- The exported directory runs in transformers (trust_remote_code, our modeling_delta.py) for every
+  routed variant, Qwen3 and Llama: its logits equal the Megatron model's and its greedy
+  generate(), with and without the KV cache, equals Megatron's KV-cache generation; without
+  trust_remote_code it refuses to load.
 - A converted model fine-tuned by `megatron-delta train` starts at the HF model's loss.
 
 Run this file as a script under torchrun for the mesh worker (see test_tp2_pp2_mesh_...).
@@ -25,7 +29,6 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from megatron.core import dist_checkpointing, parallel_state
 
@@ -217,10 +220,17 @@ def test_export_import_round_trips_are_exact(hf_models, tmp_path, name, variant)
     assert convert.main(["export", "--checkpoint", first, "--output", exported, "--hf-dir", source,
                          "--max-shard-size", "40KB"]) == 0
     original, back = convert.read_hf_weights(source), convert.read_hf_weights(exported)
+    routing = {key: back.pop(key) for key in list(back) if "_router." in key}
+    assert len(routing) == 4 * 2 * 3 and all(routing[k].dtype == torch.float32 for k in routing)
+    assert all(torch.equal(t, torch.zeros(1)) for k, t in routing.items() if k.endswith(".gate"))  # identity init
     assert original.keys() == back.keys()
     for key in original:
         assert original[key].dtype == back[key].dtype and torch.equal(original[key], back[key]), key
-    assert open(os.path.join(source, "config.json")).read() == open(os.path.join(exported, "config.json")).read()
+    config = json.load(open(os.path.join(exported, "config.json")))
+    source_config = json.load(open(os.path.join(source, "config.json")))
+    assert config == convert.routed_hf_config(source_config, DeltaResidualConfig(variant, 2, init="identity"))
+    assert config["model_type"] == f"delta_{name}" and config["auto_map"]["AutoModelForCausalLM"].startswith(
+        "modeling_delta.")
     assert os.path.exists(os.path.join(exported, convert.HF_INDEX))  # sharded above 40KB
 
     # A "trained" checkpoint (every routing parameter moved off its init) -> export -> import.
@@ -235,13 +245,13 @@ def test_export_import_round_trips_are_exact(hf_models, tmp_path, name, variant)
               open(os.path.join(trained, convert.CONVERSION_FILE), "w"))
     trained_hf, again = str(tmp_path / "trained_hf"), str(tmp_path / "again")
     written = convert.export_hf(trained, trained_hf)  # no --hf-dir: the conversion record has the config
-    assert {convert.ROUTING_WEIGHTS, convert.ROUTING_CONFIG, "config.json"} <= set(written)
-    routing = json.load(open(os.path.join(trained_hf, convert.ROUTING_CONFIG)))
-    assert (routing["variant"], routing["num_blocks"], routing["init"]) == (variant, 2, "identity")
-    routing_keys = set(load_file(os.path.join(trained_hf, convert.ROUTING_WEIGHTS)))
+    assert {"config.json", "configuration_delta.py", "modeling_delta.py"} <= set(written)
+    delta = json.load(open(os.path.join(trained_hf, "config.json")))["delta"]
+    assert (delta["variant"], delta["num_blocks"], delta["init"]) == (variant, 2, "identity")
+    routing_keys = {key for key in convert.read_hf_weights(trained_hf) if "_router." in key}
     assert routing_keys == {f"model.layers.{i}.{sub}_router.{p}" for i in range(4) for sub in ("attention", "mlp")
                             for p in ("query", "key_norm_weight", "gate")}
-    convert.import_hf(trained_hf, again)  # variant and routing parameters from delta_routing.*
+    convert.import_hf(trained_hf, again)  # variant (config.json) and routing parameters (weights) read back
     restored = load_converted(again, seed=5)
     vocab = original["model.embed_tokens.weight"].shape[0]
     for (n1, p1), (n2, p2) in zip(model.named_parameters(), restored.named_parameters()):
@@ -251,6 +261,72 @@ def test_export_import_round_trips_are_exact(hf_models, tmp_path, name, variant)
             assert torch.equal(p2[vocab:], torch.zeros_like(p2[vocab:])), n1
             p1, p2 = p1[:vocab], p2[:vocab]
         assert torch.equal(p1, p2), n1
+
+
+# ---------------------------------------------------------------------------------------------- transformers runs the export
+
+def trained_checkpoint(hf_dir: str, delta: DeltaResidualConfig, path: str):
+    """A dist-checkpoint of the HF model's weights under `delta`, its routing moved far off the
+    init (live gates, sharp queries), with the conversion record export reads; returns the model."""
+    hf_config = convert.read_hf_config(hf_dir)
+    model_cfg = convert.model_config_from_hf(hf_config)
+    model = convert.build_model(model_cfg, delta, convert.transformer_config_from_hf(hf_config))
+    convert._load_into(model, convert.hf_to_megatron(convert.read_hf_weights(hf_dir),
+                                                    convert.WeightLayout.of(model_cfg, hf_config["vocab_size"])))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "router" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * (0.5 if name.endswith(".query") else 0.3)
+                            + (1.0 if name.endswith("key_norm_weight") else 0.0))
+    os.makedirs(path)
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, path)
+    record = {"source": hf_dir, "model": dataclasses.asdict(model_cfg), "delta": dataclasses.asdict(delta),
+              "hf_config": hf_config}
+    json.dump(record, open(os.path.join(path, convert.CONVERSION_FILE), "w"))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name, variant", [("qwen3", "delta"), ("qwen3", "attnres_block"),
+                                           ("llama", "delta_block"), ("llama", "attnres_full")])
+def test_exported_directory_runs_in_transformers(hf_models, tmp_path, name, variant):
+    import transformers
+
+    from megatron_delta.generate import Sampling, generate_tokens
+
+    delta = DeltaResidualConfig(variant, 2, init="identity" if variant in convert.IMPORT_VARIANTS else "reference")
+    model = trained_checkpoint(hf_models[name], delta, str(tmp_path / "ckpt"))
+    exported = str(tmp_path / f"{name}_{variant}")
+    assert convert.main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--output", exported]) == 0
+
+    with pytest.raises(ValueError, match="trust_remote_code"):  # never a plain Qwen3 / Llama without routing
+        transformers.AutoModelForCausalLM.from_pretrained(exported)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True).eval()
+    assert type(hf).__name__ == f"Delta{'Qwen3' if name == 'qwen3' else 'Llama'}ForCausalLM"
+
+    reference = torch.load(os.path.join(hf_models[name], "reference.pt"))
+    vocab = reference["logits"].shape[-1]
+    with torch.no_grad():
+        theirs = hf(reference["tokens"]).logits
+    ours = forward(model, reference["tokens"])[..., :vocab]
+    assert relative_error(theirs, ours) < TOLERANCE
+    assert relative_error(theirs, reference["logits"]) > 1e-2  # the routing changed the model
+
+    eos = hf.config.eos_token_id
+    prompt = reference["tokens"][:1, :6]
+    ours = generate_tokens(model, prompt.tolist(), 24, Sampling(), vocab, eos)[0]
+    assert len(set(ours)) > 2, ours
+    for use_cache in (True, False):
+        out = hf.generate(prompt, max_new_tokens=24, do_sample=False, use_cache=use_cache)[0, 6:].tolist()
+        assert (out[: out.index(eos)] if eos in out else out) == ours, use_cache
+
+    # import(export(checkpoint)) gives back every parameter, routing included, bit for bit.
+    again = str(tmp_path / "again")
+    convert.import_hf(exported, again)
+    restored = load_converted(again, seed=5)
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), restored.named_parameters()):
+        assert n1 == n2 and torch.equal(p1[:vocab] if "word_embeddings" in n1 or "output_layer" in n1 else p1,
+                                        p2[:vocab] if "word_embeddings" in n2 or "output_layer" in n2 else p2), n1
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -284,6 +360,22 @@ def test_bad_input_fails_early_with_one_line(hf_models, tmp_path, capsys, change
     errors = [line for line in stderr if line.startswith("megatron-delta convert: error:")]
     assert len(errors) == 1 and message in errors[0], errors
     assert not os.path.exists(output)
+
+
+def test_from_scratch_model_section_gives_a_hf_config_and_back():
+    """hf_config_from_model inverts model_config_from_hf (Qwen3 with q/k norms, else Llama), and
+    refuses what a Qwen3 / Llama config cannot express."""
+    for qk in (True, False):
+        model = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                            ffn_hidden_size=96, seq_length=128, qk_layernorm=qk, rotary_base=50000, norm_epsilon=1e-6)
+        hf_config = convert.hf_config_from_model(model, vocab_size=258, eos_token_id=256)
+        assert hf_config["model_type"] == ("qwen3" if qk else "llama")
+        back = convert.model_config_from_hf(hf_config)
+        assert convert._architecture(back) == convert._architecture(model) and back.norm_epsilon == 1e-6
+    for field, value in [("normalization", "LayerNorm"), ("activation", "gelu"),
+                         ("position_embedding_type", "learned_absolute"), ("add_bias_linear", True)]:
+        with pytest.raises(convert.ConvertError, match=f"model.{field}="):
+            convert.hf_config_from_model(dataclasses.replace(ModelConfig(), **{field: value}), vocab_size=258)
 
 
 def test_existing_output_is_not_overwritten(hf_models, tmp_path):
@@ -438,7 +530,7 @@ def test_finetuning_a_converted_model_starts_at_the_hf_loss(hf_models, tmp_path)
     # The trainer's checkpoint (iteration 3) exports to HF layout with trained, nonzero gates.
     exported = str(tmp_path / "exported")
     convert.export_hf(str(tmp_path / "run" / "checkpoints"), exported, hf_dir=hf_models["qwen3"])
-    gates = [v for k, v in load_file(os.path.join(exported, convert.ROUTING_WEIGHTS)).items() if k.endswith(".gate")]
+    gates = [v for k, v in convert.read_hf_weights(exported).items() if k.endswith(".gate")]
     assert len(gates) == 8 and all(g.abs().item() > 0 for g in gates)
 
 

@@ -1,0 +1,253 @@
+"""Delta Attention Residuals in transformers: Qwen3 / Llama causal LMs whose sublayers read a routed input.
+
+    model = AutoModelForCausalLM.from_pretrained(exported_dir, trust_remote_code=True)
+
+Each sublayer (attention, then MLP) reads
+
+    h = x + g * route(sources)     additive variants (delta, delta_block); g: a scalar gate under
+                                   init="identity", else 1
+    h = route(sources)             replacement variants (attnres_block, attnres_full)
+    route(S) = sum_i softmax_i(q . RMSNorm_w(s_i)) s_i      (fp32, per token)
+    v = f(Norm(h));  x = x + v
+
+and v joins the sources: as its own source (delta, attnres_full) or summed into its block's
+source, which sources gain when the block closes (delta_block, attnres_block; attnres_block also
+routes over the open block's partial sum). The first source is the embedding. Replacement
+variants route once more over all sources before the final norm.
+
+init="identity": with every gate at 0, h = x and the model is exactly the plain Qwen3 / Llama
+model made of the same weights; a fine-tuned model's gates are what it learned to add. Setting the
+gates to 0 (`model.model.reset_routing_gates()`) gives the base model back.
+
+Routing is per token (no term mixes positions), so the KV cache is transformers' own: each new
+token routes over its own sources. Attention, MLP, norms and rotary embeddings are the Qwen3 /
+Llama modules; only the layer loop and the routers are ours. The causal-LM forward (logits, loss,
+logits_to_keep) is Qwen3's / Llama's. This file is copied into every exported directory and
+imports only torch and transformers (written against transformers 5.24); the Megatron model that
+it mirrors is megatron_delta (DeltaGPTModel), which the parity tests compare it with.
+"""
+
+import math
+
+import torch
+from torch import nn
+from transformers import GenerationMixin
+from transformers import initialization as init
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+from transformers.models.qwen3.modeling_qwen3 import (
+    Qwen3DecoderLayer,
+    Qwen3ForCausalLM,
+    Qwen3PreTrainedModel,
+    Qwen3RMSNorm,
+    Qwen3RotaryEmbedding,
+)
+
+from .configuration_delta import DeltaLlamaConfig, DeltaQwen3Config
+
+ADDITIVE_VARIANTS = ("delta", "delta_block")
+BLOCK_VARIANTS = ("delta_block", "attnres_block")
+
+
+class DepthRouter(nn.Module):
+    """One sublayer's routing parameters: query q, key-norm weight w, and under init="identity"
+    the scalar gate on the routed term."""
+
+    def __init__(self, hidden_size: int, eps: float, gated: bool):
+        super().__init__()
+        self.eps = eps
+        self.query = nn.Parameter(torch.zeros(hidden_size))
+        self.key_norm_weight = nn.Parameter(torch.ones(hidden_size))
+        self.gate = nn.Parameter(torch.zeros(1)) if gated else None
+
+    def forward(self, sources: list) -> torch.Tensor:
+        stacked = torch.stack(sources).float()  # [K, batch, seq, hidden]
+        keys = stacked * torch.rsqrt(stacked.pow(2).mean(-1, keepdim=True) + self.eps) * self.key_norm_weight.float()
+        weights = torch.softmax(keys @ self.query.float(), dim=0)  # over the K sources, per token
+        routed = (weights.unsqueeze(-1) * stacked).sum(0).to(sources[0].dtype)
+        return routed if self.gate is None else routed * self.gate
+
+
+class DepthState:
+    """The residual stream x (additive variants), the sources and the open block's partial sum."""
+
+    def __init__(self, delta: dict, embedding: torch.Tensor):
+        self.variant = delta["variant"]
+        self.additive = self.variant in ADDITIVE_VARIANTS
+        self.hidden = embedding if self.additive else None
+        self.sources = [embedding]
+        self.partial = None
+
+    def run_sublayer(self, router: DepthRouter, sublayer) -> None:
+        sources = self.sources
+        if self.variant == "attnres_block" and self.partial is not None:
+            sources = sources + [self.partial]
+        routed = router(sources)
+        v = sublayer(self.hidden + routed if self.additive else routed)
+        if self.additive:
+            self.hidden = self.hidden + v
+        if self.variant in BLOCK_VARIANTS:
+            self.partial = v if self.partial is None else self.partial + v
+        else:
+            self.sources.append(v)
+
+    def close_block(self) -> None:
+        self.sources.append(self.partial)
+        self.partial = None
+
+
+class _RoutedDecoderLayer:
+    """Mixin over a Qwen3 / Llama decoder layer: the same attention, MLP and norms, with routed inputs."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        delta = config.delta
+        gated = delta["init"] == "identity"
+        self.attention_router = DepthRouter(config.hidden_size, delta["norm_epsilon"], gated)
+        self.mlp_router = DepthRouter(config.hidden_size, delta["norm_epsilon"], gated)
+        layers = config.num_hidden_layers
+        per_block = math.ceil(layers / delta["num_blocks"]) if delta["variant"] in BLOCK_VARIANTS else None
+        self.ends_block = per_block is not None and ((layer_idx + 1) % per_block == 0 or layer_idx + 1 == layers)
+
+    def forward(self, state: DepthState, attention_mask=None, position_embeddings=None, position_ids=None,
+                cache=None, use_cache=False, **kwargs) -> DepthState:
+        def attention(h):
+            return self.self_attn(hidden_states=self.input_layernorm(h), attention_mask=attention_mask,
+                                  position_ids=position_ids, cache=cache, use_cache=use_cache,
+                                  position_embeddings=position_embeddings, **kwargs)[0]
+
+        state.run_sublayer(self.attention_router, attention)
+        state.run_sublayer(self.mlp_router, lambda h: self.mlp(self.post_attention_layernorm(h)))
+        if self.ends_block:
+            state.close_block()
+        return state
+
+
+class DeltaQwen3DecoderLayer(_RoutedDecoderLayer, Qwen3DecoderLayer):
+    pass
+
+
+class DeltaLlamaDecoderLayer(_RoutedDecoderLayer, LlamaDecoderLayer):
+    pass
+
+
+class _DeltaPreTrainedModel:
+    """Mixin over a family's PreTrainedModel: router initialisation, routers kept in fp32."""
+
+    supports_gradient_checkpointing = False
+    _keep_in_fp32_modules = ["attention_router", "mlp_router", "final_router"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, DepthRouter):  # the paper's init: q ~ N(0, std), w = 1, gate = 0
+            init.normal_(module.query, mean=0.0, std=self.config.initializer_range)
+            init.ones_(module.key_norm_weight)
+            if module.gate is not None:
+                init.zeros_(module.gate)
+
+
+class _DeltaModel(_DeltaPreTrainedModel):
+    """Embedding, routed layers, (final routing,) norm. Subclasses name the family's modules:
+    decoder_layer_class, norm_class, rotary_class."""
+
+    _can_record_outputs = {}  # the layers pass a DepthState, not hidden states
+
+    def __init__(self, config):
+        super().__init__(config)
+        delta = config.delta
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(
+            [self.decoder_layer_class(config, i) for i in range(config.num_hidden_layers)]
+        )
+        self.final_router = (
+            None if delta["variant"] in ADDITIVE_VARIANTS
+            else DepthRouter(config.hidden_size, delta["norm_epsilon"], gated=False)
+        )
+        self.norm = self.norm_class(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = self.rotary_class(config=config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    @torch.no_grad()
+    def reset_routing_gates(self) -> None:
+        """Close every gate (init="identity" models): the model becomes the plain base model."""
+        for module in self.modules():
+            if isinstance(module, DepthRouter) and module.gate is not None:
+                module.gate.zero_()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + seen).unsqueeze(0)
+        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  cache=cache, position_ids=position_ids)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        state = DepthState(self.config.delta, inputs_embeds)
+        for layer in self.layers:
+            state = layer(state, attention_mask=mask, position_embeddings=position_embeddings,
+                          position_ids=position_ids, cache=cache, use_cache=use_cache, **kwargs)
+        final = state.hidden if self.final_router is None else self.final_router(state.sources)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(final), cache=cache if use_cache else None)
+
+
+class DeltaQwen3Model(_DeltaModel, Qwen3PreTrainedModel):
+    config: DeltaQwen3Config
+    config_class = DeltaQwen3Config
+    _no_split_modules = ["DeltaQwen3DecoderLayer"]
+    decoder_layer_class, norm_class, rotary_class = DeltaQwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding
+
+
+class DeltaLlamaModel(_DeltaModel, LlamaPreTrainedModel):
+    config: DeltaLlamaConfig
+    config_class = DeltaLlamaConfig
+    _no_split_modules = ["DeltaLlamaDecoderLayer"]
+    decoder_layer_class, norm_class, rotary_class = DeltaLlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+
+class _DeltaForCausalLM(_DeltaPreTrainedModel):
+    """The family's causal-LM head over our routed model (forward: the family's own)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = self.base_model_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+class DeltaQwen3ForCausalLM(_DeltaForCausalLM, Qwen3PreTrainedModel, GenerationMixin):
+    config: DeltaQwen3Config
+    config_class = DeltaQwen3Config
+    base_model_class = DeltaQwen3Model
+    _tied_weights_keys = Qwen3ForCausalLM._tied_weights_keys
+    forward = Qwen3ForCausalLM.forward
+
+
+class DeltaLlamaForCausalLM(_DeltaForCausalLM, LlamaPreTrainedModel, GenerationMixin):
+    config: DeltaLlamaConfig
+    config_class = DeltaLlamaConfig
+    base_model_class = DeltaLlamaModel
+    _tied_weights_keys = LlamaForCausalLM._tied_weights_keys
+    forward = LlamaForCausalLM.forward
