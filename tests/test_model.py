@@ -46,7 +46,8 @@ def build(delta, config=None, seed=0, cls=DeltaGPTModel):
     spec = get_gpt_delta_layer_spec(delta, normalization="RMSNorm")
     kwargs = dict(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
                   position_embedding_type="rope")
-    return (cls(delta=delta, **kwargs) if cls is DeltaGPTModel else cls(**kwargs)).to(DEVICE)
+    model = cls(delta=delta, **kwargs) if cls is DeltaGPTModel else cls(**kwargs)
+    return model if next(model.parameters()).is_meta else model.to(DEVICE)
 
 
 def batch(seed=1):
