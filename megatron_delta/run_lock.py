@@ -24,7 +24,10 @@ class RunDirectoryBusy(RuntimeError):
 
 class RunDirectoryLock:
     def __init__(self, directory: str):
-        os.makedirs(directory, exist_ok=True)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"logging.dir={directory!r} cannot be the run directory: {e.strerror}") from None
         self.path = os.path.join(directory, LOCK_FILE)
         self.file = open(self.path, "a+", encoding="utf-8")
         try:

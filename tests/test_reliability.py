@@ -25,7 +25,7 @@ import torch
 
 from megatron_delta import checkpointing, data
 from megatron_delta.run_config import load_run_config
-from test_train import REPO, TIMEOUT, _command, _env, kill_tree, launch, losses
+from test_train import REPO, TIMEOUT, TINY, _command, _env, kill_tree, launch, losses
 
 from megatron_delta.run_lock import RunDirectoryLock
 
@@ -342,6 +342,20 @@ def test_bad_config_is_one_line_exit_2(tmp_path, capsys, text, message):
     status, err = main_exit(["--config", str(config), f"--set=logging.dir={tmp_path}"], capsys)
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
+
+
+def test_other_bad_command_lines_are_one_line_exit_2(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_bytes(b"training:\n  lr: 3e-4  # caf\xe9\n")
+    status, err = main_exit(["--config", str(config)], capsys)
+    assert status == 2 and f"{config}: not UTF-8 text (byte 0xe9" in err
+    config.write_text("training:\n  lr: 3.0e-4\n")
+    status, err = main_exit(["--config", str(config), "--set", "training.lr=[1"], capsys)
+    assert status == 2 and "--set 'training.lr=[1': the value is not valid YAML" in err
+    (tmp_path / "a_file").write_text("")
+    status, err = main_exit(["--config", TINY, f"--set=logging.dir={tmp_path / 'a_file'}"], capsys)
+    assert status == 2 and err.strip().splitlines()[-1] == (
+        f"megatron-delta train: error: logging.dir='{tmp_path / 'a_file'}' cannot be the run directory: File exists")
 
 
 @pytest.fixture
