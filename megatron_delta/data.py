@@ -120,7 +120,7 @@ def parse_blend(blend: list) -> tuple[list[str], list[float] | None]:
             if value is None or _weight(prefix) is not None:
                 raise DataError(f"data.blend={blend!r}: {weight!r}, {prefix!r} is not a weight, prefix pair; {expected}")
             if not (math.isfinite(value) and value > 0):
-                raise DataError(f"data.blend={blend!r}: weight {weight} of {prefix} must be a finite number > 0")
+                raise DataError(f"data.blend={blend!r}: every weight must be > 0 and finite, not {weight} (of {prefix})")
     return get_blend_from_list(items)
 
 

@@ -333,7 +333,7 @@ def test_sigkill_after_a_save_leaves_no_process(data_dir, tmp_path):
     ("training:\n  min_lr: inf\n", r"training.min_lr='?inf'? must be a finite number"),
     ("data:\n  blend: [0.3, a, b]\n", r"3 items, but weights and prefixes come in pairs"),
     ("data:\n  blend: [a, 0.3, b, 0.7]\n", r"'a', '0.3' is not a weight, prefix pair"),
-    ("data:\n  blend: [0.3, a, -1, b]\n", r"weight -1 of b must be a finite number > 0"),
+    ("data:\n  blend: [0.3, a, -1, b]\n", r"every weight must be > 0 and finite, not -1 \(of b\)"),
     ("checkpoint:\n  keep_last: 0\n", r"checkpoint.keep_last=0 must be >= 1 or null"),
 ])
 def test_bad_config_is_one_line_exit_2(tmp_path, capsys, text, message):
