@@ -326,6 +326,18 @@ def _validate(cfg: RunConfig, world_size: int) -> None:
                        "parallel.virtual_pipeline_model_parallel_size": vpp}.items():
         check(value is None or value >= 1, f"{key}={value} must be >= 1 or null")
 
+    # Optimiser and model hyper-parameters that Megatron would take silently.
+    check(t.lr > 0, f"training.lr={t.lr} must be > 0")
+    for key in ("adam_beta1", "adam_beta2"):
+        check(0 <= getattr(t, key) < 1, f"training.{key}={getattr(t, key)} must be in [0, 1)")
+    check(t.adam_eps > 0, f"training.adam_eps={t.adam_eps} must be > 0")
+    check(t.weight_decay >= 0, f"training.weight_decay={t.weight_decay} must be >= 0")
+    check(t.initial_loss_scale > 0, f"training.initial_loss_scale={t.initial_loss_scale} must be > 0")
+    check(m.init_method_std > 0, f"model.init_method_std={m.init_method_std} must be > 0")
+    check(m.norm_epsilon > 0, f"model.norm_epsilon={m.norm_epsilon} must be > 0")
+    for key in ("hidden_dropout", "attention_dropout"):
+        check(0 <= getattr(m, key) < 1, f"model.{key}={getattr(m, key)} must be in [0, 1)")
+
     # Mesh.
     check(world_size % (tp * pp) == 0,
           f"parallel: world size {world_size} is not divisible by tensor_model_parallel_size x "
@@ -378,24 +390,14 @@ def _validate(cfg: RunConfig, world_size: int) -> None:
           f"model.max_position_embeddings={max_pos} < model.seq_length={m.seq_length}")
 
     # Schedule.
-    check(t.lr > 0, f"training.lr={t.lr} must be > 0")
+    check(t.lr_warmup_iters >= 0, f"training.lr_warmup_iters={t.lr_warmup_iters} must be >= 0")
+    check(t.lr_decay_iters is None or t.lr_decay_iters >= 1,
+          f"training.lr_decay_iters={t.lr_decay_iters} must be >= 1 or null")
     decay = t.lr_decay_iters or t.train_iters
     check(t.lr_warmup_iters < decay,
           f"training.lr_warmup_iters={t.lr_warmup_iters} must be < lr_decay_iters={decay} "
           f"(lr_decay_iters defaults to train_iters)")
     check(0 <= t.min_lr <= t.lr, f"training.min_lr={t.min_lr} must be in [0, training.lr={t.lr}]")
-    check(t.lr_warmup_iters >= 0, f"training.lr_warmup_iters={t.lr_warmup_iters} must be >= 0")
-    check(t.lr_decay_iters is None or t.lr_decay_iters >= 1,
-          f"training.lr_decay_iters={t.lr_decay_iters} must be >= 1 or null")
-    for key in ("adam_beta1", "adam_beta2"):
-        check(0 <= getattr(t, key) < 1, f"training.{key}={getattr(t, key)} must be in [0, 1)")
-    check(t.adam_eps > 0, f"training.adam_eps={t.adam_eps} must be > 0")
-    check(t.weight_decay >= 0, f"training.weight_decay={t.weight_decay} must be >= 0")
-    check(t.initial_loss_scale > 0, f"training.initial_loss_scale={t.initial_loss_scale} must be > 0")
-    check(m.init_method_std > 0, f"model.init_method_std={m.init_method_std} must be > 0")
-    check(m.norm_epsilon > 0, f"model.norm_epsilon={m.norm_epsilon} must be > 0")
-    for key in ("hidden_dropout", "attention_dropout"):
-        check(0 <= getattr(m, key) < 1, f"model.{key}={getattr(m, key)} must be in [0, 1)")
     check(t.router_lr_mult > 0, f"training.router_lr_mult={t.router_lr_mult} must be > 0")
     check(t.clip_grad >= 0, f"training.clip_grad={t.clip_grad} must be >= 0 (0 disables clipping)")
 

@@ -335,6 +335,9 @@ def test_sigkill_after_a_save_leaves_no_process(data_dir, tmp_path):
     ("data:\n  blend: [a, 0.3, b, 0.7]\n", r"'a', '0.3' is not a weight, prefix pair"),
     ("data:\n  blend: [0.3, a, -1, b]\n", r"every weight must be > 0 and finite, not -1 \(of b\)"),
     ("checkpoint:\n  keep_last: 0\n", r"checkpoint.keep_last=0 must be >= 1 or null"),
+    ("training:\n  adam_beta2: 1.0\n", r"training.adam_beta2=1.0 must be in \[0, 1\)"),
+    ("training:\n  adam_eps: 0\n", r"training.adam_eps=0.0 must be > 0"),
+    ("model:\n  hidden_dropout: 1.5\n", r"model.hidden_dropout=1.5 must be in \[0, 1\)"),
 ])
 def test_bad_config_is_one_line_exit_2(tmp_path, capsys, text, message):
     config = tmp_path / "run.yaml"
