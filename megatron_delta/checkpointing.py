@@ -64,8 +64,8 @@ class CheckpointError(RuntimeError):
 # The safe reader
 
 
-# Everything a torch_dist `.metadata` pickle refers to (torch's Metadata dataclasses; Megatron
-# also stores its cached save plans in it). torch dtypes are allowed by their type.
+# Everything a torch_dist `.metadata` pickle refers to: torch's checkpoint-metadata dataclasses,
+# including the save-plan classes it can hold. torch dtypes are allowed by their type.
 _METADATA_GLOBALS = {
     ("torch.distributed.checkpoint.metadata", name)
     for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
@@ -130,7 +130,12 @@ def _safe_reading(path: str):
     metadata = os.path.join(path, ".metadata")
     if os.path.isfile(metadata):
         with open(metadata, "rb") as f, _refusals_as_errors(path):
-            _MetadataPickle.load(f)
+            try:
+                _MetadataPickle.load(f)
+            except _RefusedGlobal:
+                raise
+            except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
+                raise CheckpointError(f"{metadata} is not a readable checkpoint metadata file ({e})") from None
     saved_env = {key: os.environ.pop(key, None)
                  for key in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
@@ -235,18 +240,20 @@ def verify(directory: str, checksums: bool = True) -> str | None:
     try:
         with open(os.path.join(directory, MANIFEST), encoding="utf-8") as f:
             files = json.load(f)["files"]
+        sizes = {name: int(entry["bytes"]) for name, entry in files.items()}
+        digests = {name: str(entry["sha256"]) for name, entry in files.items()}
     except FileNotFoundError:
         return f"no {MANIFEST} (an interrupted save, or saved before megatron-delta wrote manifests)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"unreadable {MANIFEST} ({e})"
-    for name, expected in files.items():
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"unreadable {MANIFEST} ({type(e).__name__}: {e})"
+    for name, expected_size in sizes.items():
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
             return f"{name} is missing"
         size = os.path.getsize(path)
-        if size != expected["bytes"]:
-            return f"{name} has {size} bytes, the save wrote {expected['bytes']}"
-        if checksums and _sha256(path) != expected["sha256"]:
+        if size != expected_size:
+            return f"{name} has {size} bytes, the save wrote {expected_size}"
+        if checksums and _sha256(path) != digests[name]:
             return f"{name} differs from what the save wrote (sha256 mismatch)"
     return None
 
@@ -311,7 +318,7 @@ def _newest_complete(directory: str, notes: list) -> str | None:
     skipped. None if the directory holds no checkpoint at all; CheckpointError if it holds some but
     none is complete (starting over would train from step 0 and overwrite them)."""
     skipped = []
-    for iteration, path in saved_iterations(directory):
+    for _, path in saved_iterations(directory):
         problem = verify(path)
         if problem is None:
             for name, why in skipped:

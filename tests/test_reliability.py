@@ -153,7 +153,7 @@ def test_allowed_and_layout_changes_resume(saved_run, data_dir):
         checkpointing.starting_point(cfg, [])
 
 
-def test_unknown_allowed_field_is_an_error(saved_run, data_dir, tmp_path, capsys):
+def test_unknown_allowed_field_is_an_error(data_dir, tmp_path, capsys):
     status, err = main_exit(_command(str(tmp_path), data_dir, extra=["--allow-config-change", "training.lrr"])[3:],
                             capsys)
     assert status == 2 and "--allow-config-change training.lrr: not a model/delta/training/data field" in err
