@@ -25,9 +25,8 @@ import torch
 
 from megatron_delta import checkpointing, data
 from megatron_delta.run_config import load_run_config
-from test_train import REPO, TIMEOUT, TINY, _command, _env, kill_tree, launch, losses
-
 from megatron_delta.run_lock import RunDirectoryLock
+from test_train import REPO, TIMEOUT, TINY, _command, _env, kill_tree, launch, losses
 
 
 def run(run_dir, data_dir, overrides=(), extra=(), env=None):
