@@ -10,12 +10,13 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_delta", "megatron_delta.*"]),
-    package_data={"megatron_delta": ["configs/*.yaml"]},
     install_requires=[
-        # 2.13.0 is the CPU wheel on the project's machines; any CUDA build of 2.13 works on GPUs.
-        "torch==2.13.0",
-        # 0.16.1 is the newest megatron-core that ships Python 3.11 wheels (0.17+ are cp312 only).
-        "megatron-core>=0.16.1,<0.17",
+        # A lower bound only: a container's own torch (the build Transformer Engine was compiled
+        # against) must never be replaced. The README's set-up command pins the CPU wheel.
+        "torch>=2.6",
+        # 0.16.1 (Python 3.10/3.11) through 0.19.x (Python 3.12+); megatron_delta/compat.py holds
+        # every difference between them.
+        "megatron-core>=0.16.1,<0.20",
         "pyyaml",
         "nltk",
         "numpy",

@@ -8,7 +8,7 @@ Same as `megatron-delta parity ...`; see `--help`. Exits non-zero past the toler
 
 import sys
 
-from megatron_delta.parity import main
+from megatron_delta import cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.main(["parity", *sys.argv[1:]]))

@@ -13,7 +13,7 @@ _EXPORTS = {
     "get_gpt_delta_layer_spec": "megatron_delta.model",
     "collect_routing_stats": "megatron_delta.routing",
     "boundary_bytes": "megatron_delta.transport",
-    "link_virtual_stages": "megatron_delta.transport",
+    "link_virtual_stages": "megatron_delta.block",
     "pipeline_seq_length": "megatron_delta.transport",
 }
 

@@ -25,7 +25,7 @@ from megatron.core.utils import make_viewless_tensor
 
 from megatron_delta import transport
 from megatron_delta.routing import DepthRouter, route_sublayers
-from megatron_delta.state import DepthState
+from megatron_delta.state import Bookkeeping, DepthState
 
 
 class DeltaTransformerBlock(TransformerBlock):
@@ -34,6 +34,9 @@ class DeltaTransformerBlock(TransformerBlock):
         super().__init__(config, spec, post_layer_norm=post_layer_norm, pre_process=pre_process,
                          post_process=post_process, pg_collection=pg_collection, vp_stage=vp_stage)
         self.delta = delta
+        self.rules = Bookkeeping.of(delta)
+        # delta_block: all sublayers of a block read the same sources, so they are routed at once.
+        self.routes_blocks_at_once = delta.block_sources_fixed
         self.vp_stage = vp_stage
         self.pipeline_slots = transport.pipeline_slots(delta, config)
         # This chunk's place in the pipeline ring (chunk c runs on pipeline rank c % pp).
@@ -62,10 +65,10 @@ class DeltaTransformerBlock(TransformerBlock):
             )
         if self.pre_process:
             embedding = make_viewless_tensor(hidden_states, requires_grad=True, keep_graph=True)
-            state = DepthState.start(self.delta, embedding)
+            state = DepthState.start(self.rules, embedding)
         else:
             kept = self._source_cache().take(self.vp_stage).read() if self.boundary_in.kept else []
-            state = transport.unpack(self.input_tensor, self.delta, self.boundary_in, self.pipeline_slots, kept)
+            state = transport.unpack(self.input_tensor, self.rules, self.boundary_in, self.pipeline_slots, kept)
             # GPTModel sized the rotary table from the packed input ([slots * s, b, h]); positions
             # 0..s-1 are its first s rows.
             if rotary_pos_emb is not None:
@@ -100,7 +103,7 @@ class DeltaTransformerBlock(TransformerBlock):
         if self.final_layernorm is None:
             dtype = self.config.pipeline_dtype or state.sources[0].dtype
             return transport.pack(state, self.boundary_out.kept, self.pipeline_slots, dtype)
-        final = state.hidden if self.delta.additive else self.final_router(state.sources)
+        final = state.hidden if self.final_router is None else self.final_router(state.sources)
         return make_viewless_tensor(self.final_layernorm(final), requires_grad=True, keep_graph=True)
 
     def _run_layers(self, start, end, state, layer_kwargs):
@@ -115,7 +118,7 @@ class DeltaTransformerBlock(TransformerBlock):
         """Runs of consecutive layers whose sublayers all read the same sources. delta_block: the
         layers of one block (its sources change only when it closes); the other variants' sources
         change every sublayer, so their layers route for themselves (one run, nothing routed ahead)."""
-        if not self.delta.block_sources_fixed:
+        if not self.routes_blocks_at_once:
             return [layers]
         runs, run = [], []
         for layer in layers:
@@ -128,7 +131,7 @@ class DeltaTransformerBlock(TransformerBlock):
     def _route_run(self, run, state):
         """[(attention, MLP) routed terms] of the run's layers, in one pass over the sources
         (the block-level kernel on GPU), or (None, None) for layers that route for themselves."""
-        if not self.delta.block_sources_fixed:
+        if not self.routes_blocks_at_once:
             return [(None, None)] * len(run)
         routed = route_sublayers([r for layer in run for r in (layer.attention_router, layer.mlp_router)],
                                  state.sources)
@@ -162,7 +165,7 @@ class DeltaTransformerBlock(TransformerBlock):
         layout, old_sources = state.layout, state.sources
 
         def run(*tensors):
-            out = self._run_layers(start, end, DepthState.from_tensors(self.delta, layout, tensors), layer_kwargs)
+            out = self._run_layers(start, end, DepthState.from_tensors(self.rules, layout, tensors), layer_kwargs)
             return (out.hidden, out.partial, *out.sources[len(old_sources):])
 
         if self.config.fp8:
@@ -174,4 +177,18 @@ class DeltaTransformerBlock(TransformerBlock):
         else:
             outputs = tensor_parallel.checkpoint(run, self.config.distribute_saved_activations, *state.tensors())
         hidden, partial, *new_sources = outputs
-        return DepthState(self.delta, hidden, old_sources + new_sources, partial)
+        return DepthState(self.rules, hidden, old_sources + new_sources, partial)
+
+
+def link_virtual_stages(model_chunks) -> None:
+    """Give one pipeline rank's model chunks (a list, wrapped or not) one transport.SourceCache, so
+    that an interleaved pipeline sends each source across each hop once. Call it once after
+    building the chunks (train, parity and the Megatron-LM schedule wrapper do); calling it again
+    is harmless."""
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    blocks = [m for chunk in chunks for m in chunk.modules() if isinstance(m, DeltaTransformerBlock)]
+    if all(block.source_cache is not None and block.source_cache is blocks[0].source_cache for block in blocks):
+        return  # linked already (or nothing to link)
+    cache = transport.SourceCache()
+    for block in blocks:
+        block.source_cache = cache

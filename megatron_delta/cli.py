@@ -24,6 +24,13 @@ def main(argv=None) -> int:
             print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
+    from megatron_delta import compat
+
+    try:
+        compat.check_supported()
+    except compat.UnsupportedMegatronCore as error:
+        print(f"megatron-delta: error: {error}", file=sys.stderr)
+        return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return module.main(argv[1:]) or 0
 

@@ -136,11 +136,7 @@ class DeltaResidualConfig:
         for field in ("account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split"):
             if getattr(cfg, field, False):
                 raise DeltaConfigError(f"{field}=True is not supported with delta routing; set it False")
-        if num_layers % (pp * vpp) != 0:
-            raise DeltaConfigError(
-                f"model.num_layers={num_layers} is not divisible by pipeline stages x virtual stages "
-                f"= {pp} x {vpp}; choose a layer count that is"
-            )
+        check_pipeline_split(num_layers, pp, vpp)
         if cfg.context_parallel_size > 1:
             raise DeltaConfigError(
                 f"context_parallel_size={cfg.context_parallel_size}: context parallelism does not compose "
@@ -177,3 +173,14 @@ class DeltaResidualConfig:
             raise DeltaConfigError(
                 "recompute_granularity='full' needs recompute_method 'uniform' or 'block'"
             )
+
+
+def check_pipeline_split(num_layers: int, pp: int, vpp: int | None, layers: str = "model.num_layers",
+                         stages: str = "pipeline stages x virtual stages") -> None:
+    """Every pipeline stage and virtual stage holds the same number of layers (the pipeline
+    transport, the plan and the converters rely on it). `layers` / `stages` name the fields in
+    the caller's terms (YAML keys, command-line flags)."""
+    if num_layers % (pp * (vpp or 1)):
+        raise DeltaConfigError(
+            f"{layers}={num_layers} is not divisible by {stages} = {pp} x {vpp or 1}; choose a layer count that is"
+        )

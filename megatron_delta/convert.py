@@ -70,7 +70,7 @@ import sys
 import torch
 import yaml
 
-from megatron_delta.config import DeltaConfigError, DeltaResidualConfig
+from megatron_delta.config import DeltaConfigError, DeltaResidualConfig, check_pipeline_split
 from megatron_delta.run_config import (
     ModelConfig,
     ParallelConfig,
@@ -225,11 +225,8 @@ def check_layout(model: ModelConfig, delta: DeltaResidualConfig, tp: int, pp: in
             raise ConvertError(
                 f"config.json {what}={size} is not divisible by --tp {tp}; choose a --tp that divides it"
             )
-    if model.num_layers % (pp * (vpp or 1)):
-        raise ConvertError(
-            f"config.json num_hidden_layers={model.num_layers} is not divisible by --pp x --vpp = {pp} x {vpp or 1}"
-        )
     try:
+        check_pipeline_split(model.num_layers, pp, vpp, layers="config.json num_hidden_layers", stages="--pp x --vpp")
         delta.validate_for(build_transformer_config(_run_config(model, delta, tp, pp, vpp), on_gpu=False))
     except DeltaConfigError as e:
         raise ConvertError(str(e)) from None
@@ -791,5 +788,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the CLI, which checks the megatron-core release first
+    from megatron_delta import cli
+
+    sys.exit(cli.main(["convert", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""Run Megatron-Core 0.16.1 on CPU with gloo: tests, the parity check and laptop smoke runs.
+"""Run Megatron-Core (0.16.1 - 0.19.x) on CPU with gloo: tests, the parity check and laptop smoke runs.
 
 `install()` redirects the handful of CUDA calls that Megatron makes unconditionally to the CPU.
 Each patch below was found by removing it and watching a real CPU run fail (or silently compute
@@ -59,6 +59,12 @@ def install() -> None:
     torch.cuda.synchronize = lambda device=None: None
     # The tied output layer (PP > 1) and fully-parallel checkpoint load move tensors with .cuda().
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    # Streams: DDP's grad sync orders its collectives against torch.cuda.current_stream()
+    # (megatron-core 0.17+), the MoE alltoall dispatcher and Megatron-LM's get_model create side
+    # streams. CPU work is ordered already; torch.cpu's streams have the same methods.
+    torch.cuda.Stream = torch.cpu.Stream
+    torch.cuda.current_stream = lambda device=None: torch.cpu.current_stream()
+    torch.cuda.stream = torch.cpu.stream
 
     # The distributed optimizer and clip_grads accept only params whose type() names a CUDA
     # tensor; report CPU float tensors under their CUDA names (only the no-argument query).
@@ -117,7 +123,3 @@ def install_megatron_lm() -> None:
     torch.cuda.set_device = lambda device: None
     fused_kernels.load = lambda args: None  # nvcc-built CUDA kernels
     training.set_jit_fusion_options = lambda: None  # the JIT warm-up allocates on "cuda"
-    # get_model builds DDP inside a side CUDA stream.
-    torch.cuda.Stream = torch.cpu.Stream
-    torch.cuda.current_stream = lambda device=None: torch.cpu.current_stream()
-    torch.cuda.stream = torch.cpu.stream

@@ -33,8 +33,6 @@ import os
 
 import torch
 
-from megatron_delta.routing import DepthRoute
-
 try:
     import triton
     import triton.language as tl
@@ -50,13 +48,18 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PARTIAL_GRAD_ELEMENTS = 2**20
 
 
+def enabled() -> bool:
+    """Whether this machine runs the fused kernels: Triton importable, CUDA present, and not
+    disabled by MEGATRON_DELTA_FUSED_ROUTING=0. Asked once, when a router is built."""
+    return HAVE_TRITON and torch.cuda.is_available() and os.environ.get(DISABLE_ENV, "1") != "0"
+
+
 def supports(tensors) -> bool:
-    """True where the fused kernels run: Triton importable, CUDA tensors of one kernel dtype
-    and shape, contiguous, and not disabled by MEGATRON_DELTA_FUSED_ROUTING=0."""
+    """Whether the kernels take these inputs: CUDA tensors of one kernel dtype and one shape,
+    contiguous (fp64 sources, say, take the reference path)."""
     first = tensors[0]
     return (
         HAVE_TRITON
-        and os.environ.get(DISABLE_ENV, "1") != "0"
         and first.is_cuda
         and first.dtype in KERNEL_DTYPES
         and all(t.shape == first.shape and t.dtype == first.dtype and t.device == first.device
@@ -77,14 +80,9 @@ def route_block(sources, weights, eps):
     """Route M sublayers over the same sources in one pass: (routed: M tensors [..., h] in the
     sources' dtype, alpha [M, K, ...] fp32, not differentiable).
 
-    weights: [M, h], row m = query_m * key_norm_weight_m in the accumulation dtype (fp32; fp64
-    for fp64 sources). Runs the fused kernel where `supports(sources)`, otherwise M calls of the
-    reference DepthRoute."""
-    if supports(sources):
-        routed, alpha = FusedDepthRoute.apply(weights, eps, None, *sources)
-        return routed.unbind(0), alpha
-    routed, alpha = zip(*(DepthRoute.apply(w, eps, *sources) for w in weights))
-    return list(routed), torch.stack(alpha)
+    weights: [M, h] fp32, row m = query_m * key_norm_weight_m."""
+    routed, alpha = FusedDepthRoute.apply(weights, eps, None, *sources)
+    return routed.unbind(0), alpha
 
 
 class FusedDepthRoute(torch.autograd.Function):

@@ -5,36 +5,51 @@ For each sublayer (attention, then MLP):
     h = x + route(sources)        additive variants   (x: the residual stream, kept; on GPU the
                                   add is fused into the routing kernel)
     h = route(sources)            replacement variants
-    v = dropout(f(Norm(h)) + bias)
+    v = dropout(f(Norm(h)) + bias)                     (the spec's bias-dropout-add)
     x = x + v;  v joins the sources (see state.py for the per-variant bookkeeping)
 
-The layer owns the routing parameters (`attention_router`, `mlp_router`), so checkpoints stack
-them per layer and reshard them across pipeline layouts like every other layer weight. The
-norm may be a separate module (local spec) or fused into the next linear (TE spec: the fused
-LayerNorm-linear sees h); either way h is what goes in. Everything Megatron builds for the layer
-(attention, MLP, norms, their TP/SP handling, selective recompute of core attention) is reused.
+The routing parameters come from the layer spec like every other submodule
+(DeltaTransformerLayerSubmodules.attention_router / mlp_router, built by build_module), so
+checkpoints stack them per layer and reshard them across pipeline layouts like every other layer
+weight. The norm may be a separate module (local spec) or fused into the next linear (TE spec:
+the fused LayerNorm-linear sees h); either way h is what goes in. Everything Megatron builds for
+the layer (attention, MLP, norms, bias-dropout-add, their TP/SP handling, selective recompute of
+core attention) is reused.
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+import dataclasses
+from typing import Union
+
+import torch
 
 from megatron.core import tensor_parallel
-from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_delta.routing import DepthRouter
 from megatron_delta.state import DepthState
 
 
+@dataclasses.dataclass
+class DeltaTransformerLayerSubmodules(TransformerLayerSubmodules):
+    """Megatron's layer submodules plus the depth routers of the two sublayers."""
+
+    attention_router: Union[ModuleSpec, type] = IdentityOp
+    mlp_router: Union[ModuleSpec, type] = IdentityOp
+
+
 class DeltaTransformerLayer(TransformerLayer):
-    def __init__(self, config, submodules, layer_number=1, hidden_dropout=None,
-                 pg_collection=None, vp_stage=None, delta=None):
+    def __init__(self, config, submodules: DeltaTransformerLayerSubmodules, layer_number=1, hidden_dropout=None,
+                 pg_collection=None, vp_stage=None, delta=None, **megatron_kwargs):
+        # megatron_kwargs: what newer releases add (is_mtp_layer, pp_layer_offset, name, ...; see compat.py)
         super().__init__(config, submodules, layer_number=layer_number, hidden_dropout=hidden_dropout,
-                         pg_collection=pg_collection, vp_stage=vp_stage)
-        self.delta = delta
+                         pg_collection=pg_collection, vp_stage=vp_stage, **megatron_kwargs)
         name = f"layer_{self.layer_number:02d}"
-        self.attention_router = DepthRouter(config, delta, f"{name}.attention")
-        self.mlp_router = DepthRouter(config, delta, f"{name}.mlp")
+        self.attention_router = build_module(submodules.attention_router, config=config, label=f"{name}.attention")
+        self.mlp_router = build_module(submodules.mlp_router, config=config, label=f"{name}.mlp")
         per_block = delta.layers_per_block(config.num_layers)
         self.ends_block = delta.uses_blocks and (
             self.layer_number % per_block == 0 or self.layer_number == config.num_layers
@@ -61,20 +76,22 @@ class DeltaTransformerLayer(TransformerLayer):
                 )
             return self.mlp(normed, padding_mask=padding_mask)
 
-        state = self._sublayer(state, self.attention_router, attention, routed[0])
-        state = self._sublayer(state, self.mlp_router, mlp, routed[1])
+        state = self._sublayer(state, self.attention_router, attention, self.self_attn_bda, routed[0])
+        state = self._sublayer(state, self.mlp_router, mlp, self.mlp_bda, routed[1])
         return state.close_block() if self.ends_block else state
 
-    def _sublayer(self, state: DepthState, router: DepthRouter, op, routed) -> DepthState:
+    def _sublayer(self, state: DepthState, router: DepthRouter, op, bias_dropout_add, routed) -> DepthState:
         # h = x + r (additive) or h = r (replacement: no x). Precomputed terms come only from
         # delta_block, which is additive.
         if routed is None:
             h = router(state.route_sources(), residual=state.hidden)
         else:
             h = state.hidden + routed
-        output, bias = op(h)
-        # Megatron's bias-dropout-add, with the add to x done by the state: v is needed alone.
+        output_with_bias = op(h)
+        # The spec's bias-dropout-add (fused as config.bias_dropout_fusion says) onto a zero
+        # residual: v is needed alone (it joins the sources); the state adds it to x.
         with self.bias_dropout_add_exec_handler():
-            v = F.dropout(output if bias is None else output + bias, p=self.hidden_dropout,
-                          training=self.training)
+            v = bias_dropout_add(self.training, self.config.bias_dropout_fusion)(
+                output_with_bias, torch.zeros((), dtype=h.dtype, device=h.device), self.hidden_dropout
+            )
         return state.add_output(v)

@@ -28,18 +28,14 @@ from __future__ import annotations
 import argparse
 import functools
 
-from megatron.core.optimizer.optimizer_config import ParamKey
-from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 from megatron.core.pipeline_parallel import get_forward_backward_func as core_get_forward_backward_func
 from megatron.core.utils import get_model_config
 
 from megatron_delta.config import INITS, VARIANTS, DeltaConfigError, DeltaResidualConfig
 from megatron_delta.model import DeltaGPTModel, get_gpt_delta_layer_spec
-from megatron_delta.transport import link_virtual_stages, pipeline_seq_length
-
-# Routing parameters live in DepthRouter modules: "...layers.N.attention_router.query",
-# "...decoder.final_router.key_norm_weight", ... (fnmatch pattern on the parameter name).
-ROUTER_PARAM_PATTERN = "*router*"
+from megatron_delta.parameters import router_lr_overrides  # patches/ import it from this module
+from megatron_delta.block import link_virtual_stages
+from megatron_delta.transport import pipeline_seq_length
 
 # Megatron-LM options that gpt_builders.gpt_builder honours but delta_gpt_builder does not:
 # (args attribute, flag, why). Each is rejected with this line instead of being ignored.
@@ -177,15 +173,6 @@ def get_forward_backward_func(*args, **kwargs):
 
     return with_pipeline_seq_length(core_get_forward_backward_func(*args, **kwargs),
                                     delta_config_from_args(get_args()))
-
-
-def router_lr_overrides(optimizer_config, router_lr_mult: float) -> dict:
-    """Megatron-Core optimizer config overrides (ParamKey -> ParamGroupOverride) giving the routing
-    parameters their own LR schedule, both ends scaled by router_lr_mult; empty when it is 1."""
-    if router_lr_mult == 1.0:
-        return {}
-    return {ParamKey(name=ROUTER_PARAM_PATTERN): ParamGroupOverride(
-        max_lr=optimizer_config.lr * router_lr_mult, min_lr=optimizer_config.min_lr * router_lr_mult)}
 
 
 def install_training_hooks() -> None:

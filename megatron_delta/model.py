@@ -4,10 +4,12 @@
     spec = get_gpt_delta_layer_spec(delta, backend="local")       # or "transformer_engine"
     model = DeltaGPTModel(config=transformer_config, delta=delta, transformer_layer_spec=spec, ...)
 
-The spec is Megatron's own GPT layer spec with the layer class swapped
-(`dataclasses.replace(spec, module=DeltaTransformerLayer)`), so attention, MLP, norms and their
-TP/SP/FP8 behaviour are Megatron's. The model is a GPTModel whose decoder is a
-DeltaTransformerBlock; `variant="standard"` builds exactly GPTModel.
+The spec is Megatron's own GPT layer spec with the layer class swapped and the two depth routers
+added to its submodules (`dataclasses.replace(spec, module=DeltaTransformerLayer,
+submodules=DeltaTransformerLayerSubmodules(..., attention_router=..., mlp_router=...))`), so
+attention, MLP, norms, bias-dropout-add and their TP/SP/FP8 behaviour are Megatron's. The model
+is a GPTModel whose decoder is a DeltaTransformerBlock; `variant="standard"` builds exactly
+GPTModel.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.utils import get_pg_rank
 
+from megatron_delta import compat
 from megatron_delta.block import DeltaTransformerBlock
 from megatron_delta.config import DeltaConfigError, DeltaResidualConfig
-from megatron_delta.layer import DeltaTransformerLayer
+from megatron_delta.layer import DeltaTransformerLayer, DeltaTransformerLayerSubmodules
+from megatron_delta.routing import DepthRouter
 
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 BACKENDS = ("local", "transformer_engine")
@@ -92,9 +97,19 @@ def get_gpt_delta_layer_spec(delta: DeltaResidualConfig, backend: str = "local",
         spec = _with_local_norms(get_gpt_layer_local_spec(**spec_kwargs))
     else:
         raise DeltaConfigError(f"backend={backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
-    if not delta.routed:
-        return spec
-    return dataclasses.replace(spec, module=DeltaTransformerLayer, params={**spec.params, "delta": delta})
+    return routed_layer_spec(spec, delta) if delta.routed else spec
+
+
+def routed_layer_spec(spec: ModuleSpec, delta: DeltaResidualConfig) -> ModuleSpec:
+    """Megatron's layer spec `spec`, routed as `delta` says: the layer class swapped for
+    DeltaTransformerLayer and the two sublayers' depth routers added to its submodules."""
+    router = ModuleSpec(module=DepthRouter, params={"delta": delta})
+    submodules = DeltaTransformerLayerSubmodules(
+        **{field.name: getattr(spec.submodules, field.name) for field in dataclasses.fields(spec.submodules)},
+        attention_router=router, mlp_router=router,
+    )
+    return dataclasses.replace(spec, module=DeltaTransformerLayer, submodules=submodules,
+                               params={**spec.params, "delta": delta})
 
 
 def _uses_transformer_engine(layer_spec) -> bool:
@@ -120,6 +135,7 @@ class DeltaGPTModel(GPTModel):
     def __init__(self, config, delta: DeltaResidualConfig, transformer_layer_spec, vocab_size: int,
                  max_sequence_length: int, pre_process: bool = True, post_process: bool = True,
                  vp_stage=None, pg_collection=None, **gpt_kwargs):
+        compat.check_supported()
         if not isinstance(delta, DeltaResidualConfig):
             raise DeltaConfigError(f"delta must be a DeltaResidualConfig, got {type(delta).__name__}")
         delta.validate_for(config)

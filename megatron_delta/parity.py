@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import traceback
 
 import torch
 
@@ -37,7 +38,7 @@ from megatron_delta import (
     link_virtual_stages,
     pipeline_seq_length,
 )
-from megatron_delta.config import VARIANTS
+from megatron_delta.config import VARIANTS, check_pipeline_split
 
 DEFAULT_TOLERANCE = 1e-5  # relative, fp32: observed agreement is <= 1e-6
 
@@ -95,8 +96,8 @@ class ParityReport:
 
     @property
     def loss_rel_error(self) -> float:
-        if len(self.losses_mesh) != len(self.losses_ref):
-            return float("nan")
+        if not self.losses_ref or len(self.losses_mesh) != len(self.losses_ref):
+            return float("nan")  # a rank failed before reporting
         return max(abs(m - r) / abs(r) for m, r in zip(self.losses_mesh, self.losses_ref))
 
     @property
@@ -260,8 +261,7 @@ def _check_layout(problem: Problem, mesh: Mesh, world_size: int) -> None:
         raise ValueError("sequence parallel needs tp > 1")
     if mesh.vpp and mesh.pp == 1:
         raise ValueError("virtual pipeline stages (vpp) need pp > 1")
-    if problem.layers % (mesh.pp * (mesh.vpp or 1)):
-        raise ValueError(f"layers={problem.layers} must be divisible by pp x vpp = {mesh.pp} x {mesh.vpp or 1}")
+    check_pipeline_split(problem.layers, mesh.pp, mesh.vpp, layers="layers", stages="pp x vpp")
     for field, value in (("heads", problem.heads), ("vocab", problem.vocab), ("seq", problem.seq)):
         if value % mesh.tp:
             raise ValueError(f"{field}={value} must be divisible by tp={mesh.tp}")
@@ -428,7 +428,10 @@ def run_parity(mesh: Mesh, problem: Problem = Problem(), tolerance: float = DEFA
     try:
         ref_losses, ref_names, local = _compare_on_this_rank(problem, mesh, delta, device)
     except Exception as error:  # reported by every rank below instead of leaving the others waiting
-        local = dict(losses=None, errors={}, failure=f"rank {rank}: {type(error).__name__}: {error}")
+        # The innermost frame outside torch says where Megatron (or we) called what failed.
+        where = [f for f in traceback.extract_tb(error.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename][-1]
+        local = dict(losses=None, errors={}, failure=f"rank {rank}: {type(error).__name__}: {error} "
+                                                       f"({where.filename}:{where.lineno})")
     finally:
         destroy_model_parallel()
 

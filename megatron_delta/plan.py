@@ -56,6 +56,7 @@ import torch
 
 from megatron_delta.config import DeltaConfigError
 from megatron_delta.data import DataError, build_tokenizer
+from megatron_delta.parameters import count_parameters
 from megatron_delta.run_config import RunConfig, RunConfigError, build_model_chunk, build_transformer_config
 from megatron_delta.run_config import load_run_config, padded_vocab_size
 
@@ -322,10 +323,10 @@ def _walk_stream(block, delta, recompute_groups):
         if not block.pre_process:
             received[id(x)] = x
     elif block.pre_process:
-        state = DepthState.start(delta, _placeholder())
+        state = DepthState.start(block.rules, _placeholder())
     else:
         layout = block.boundary_in.layout
-        state = DepthState.from_tensors(delta, layout, [_placeholder() for _ in range(layout.num_tensors)])
+        state = DepthState.from_tensors(block.rules, layout, [_placeholder() for _ in range(layout.num_tensors)])
         received.update((id(t), t) for t in state.tensors())
 
     calls, recomputed = [], []
@@ -471,11 +472,8 @@ def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_memory_gb: flo
         with _as_pipeline_rank(config, pp_rank):
             chunks = _build_chunks(cfg, config, vocab)
             params = sum(p.numel() for c in chunks for p in c.parameters())
-            routing = sum(p.numel() for c in chunks for n, p in c.named_parameters() if "router" in n)
-            for c in chunks:
-                for p in c.parameters():
-                    if not getattr(p, "shared", False):  # the tied output copy on the last stage
-                        total_params += p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)
+            stage_total, routing = count_parameters(chunks, tp)
+            total_params += stage_total
             routing_params += routing
             per_chunk = [chunk_activations(c, delta, model, slots) for c in chunks]
             chunk_bytes = [sum(parts.values()) for parts, _ in per_chunk]
@@ -642,5 +640,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the CLI, which checks the megatron-core release first
+    from megatron_delta import cli
+
+    sys.exit(cli.main(["plan", *sys.argv[1:]]))

@@ -15,6 +15,8 @@ from collections import defaultdict
 
 import torch
 
+from megatron_delta import kernels
+
 
 class DepthRoute(torch.autograd.Function):
     """routed, alpha = DepthRoute.apply(weight, eps, *sources).
@@ -65,17 +67,25 @@ def routing_weight(query, key_norm_weight, sources):
     return query.to(acc) * key_norm_weight.to(acc)
 
 
-def route(sources, query, key_norm_weight, eps, residual=None):
-    """The routed term (plus `residual`, if given: h = x + r in one pass on GPU) and the routing
-    weights (fp32 [K, ...]) for one sublayer. On GPU this runs the fused Triton kernel
-    (megatron_delta/kernels.py); elsewhere DepthRoute, the reference."""
-    from megatron_delta import kernels  # kernels builds on DepthRoute: imported here, not at the top
-
+def route(sources, query, key_norm_weight, eps, residual=None, fused=False):
+    """The routed term (plus `residual`, if given: h = x + r in one pass on the fused kernel) and
+    the routing weights (fp32 [K, ...]) for one sublayer. `fused`: run the Triton kernel
+    (megatron_delta/kernels.py) where it takes these inputs; DepthRoute, the reference, otherwise."""
     weight = routing_weight(query, key_norm_weight, sources)
-    if kernels.supports(sources if residual is None else [*sources, residual]):
+    if fused and kernels.supports(sources if residual is None else [*sources, residual]):
         return kernels.fused_route(sources, weight, eps, residual)
     routed, alpha = DepthRoute.apply(weight, eps, *sources)
     return (routed if residual is None else residual + routed), alpha
+
+
+def route_block(sources, weights, eps, fused=False):
+    """M sublayers routed over the same sources: (M routed terms, alpha [M, K, ...]). weights:
+    [M, h] in the accumulation dtype. One pass over the sources on the fused kernel, M reference
+    routes otherwise."""
+    if fused and kernels.supports(sources):
+        return kernels.route_block(sources, weights, eps)
+    routed, alpha = zip(*(DepthRoute.apply(w, eps, *sources) for w in weights))
+    return list(routed), torch.stack(alpha)
 
 
 class DepthRouter(torch.nn.Module):
@@ -85,13 +95,16 @@ class DepthRouter(torch.nn.Module):
 
     Parameters are replicated over tensor parallelism; under sequence parallelism each TP rank
     sees only its tokens, so they carry `sequence_parallel` and finalize_model_grads sums their
-    gradients over TP.
+    gradients over TP. Built from the layer spec (get_gpt_delta_layer_spec) by build_module.
     """
 
     def __init__(self, config, delta, label: str):
         super().__init__()
         self.label = label
         self.eps = delta.norm_epsilon
+        # Decided once, here: the fused kernels where this machine runs them (per call only the
+        # inputs' dtype and layout are checked).
+        self.fused = kernels.enabled()
         # Like Megatron's layers: the default device (CPU, or meta while planning) or the GPU.
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
         hidden, dtype = config.hidden_size, config.params_dtype
@@ -111,7 +124,8 @@ class DepthRouter(torch.nn.Module):
         """residual + route(sources) (just the routed term when `residual` is None). Without a
         gate the add is fused into the GPU kernel's single write of h."""
         fused_add = self.gate is None
-        out, alpha = route(sources, self.query, self.key_norm_weight, self.eps, residual if fused_add else None)
+        out, alpha = route(sources, self.query, self.key_norm_weight, self.eps,
+                           residual if fused_add else None, fused=self.fused)
         self._record(alpha)
         return out if fused_add else self._gated(out, residual)
 
@@ -127,11 +141,9 @@ class DepthRouter(torch.nn.Module):
 def route_sublayers(routers, sources) -> list:
     """The routed terms of several sublayers that read the same sources (the sublayers of one
     delta_block block: its sources are fixed and its queries static), in one pass over the
-    sources on GPU (kernels.route_block); [routed term of each router, gate applied]."""
-    from megatron_delta import kernels
-
+    sources on GPU (route_block); [routed term of each router, gate applied]."""
     weights = torch.stack([routing_weight(r.query, r.key_norm_weight, sources) for r in routers])
-    routed, alpha = kernels.route_block(sources, weights, routers[0].eps)
+    routed, alpha = route_block(sources, weights, routers[0].eps, fused=routers[0].fused)
     for router, a in zip(routers, alpha):
         router._record(a)
     return [router._gated(r, None) for router, r in zip(routers, routed)]

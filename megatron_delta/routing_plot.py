@@ -110,5 +110,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the CLI, which checks the megatron-core release first
+    from megatron_delta import cli
+
+    sys.exit(cli.main(["plot-routing", *sys.argv[1:]]))

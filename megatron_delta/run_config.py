@@ -25,7 +25,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from megatron_delta.config import DeltaConfigError, DeltaResidualConfig
+from megatron_delta.config import DeltaConfigError, DeltaResidualConfig, check_pipeline_split
 from megatron_delta.data import DataConfig, DataError
 
 
@@ -382,9 +382,11 @@ def _validate(cfg: RunConfig, world_size: int) -> None:
           f"or set it null (the tokenizer's vocabulary, padded)")
     ffn = m.ffn_hidden_size or 4 * m.hidden_size
     check(ffn % tp == 0, f"model.ffn_hidden_size={ffn} is not divisible by tensor_model_parallel_size={tp}")
-    check(m.num_layers % (pp * (vpp or 1)) == 0,
-          f"model.num_layers={m.num_layers} is not divisible by pipeline_model_parallel_size x "
-          f"virtual_pipeline_model_parallel_size = {pp} x {vpp or 1}")
+    try:
+        check_pipeline_split(m.num_layers, pp, vpp, stages="pipeline_model_parallel_size x "
+                             "virtual_pipeline_model_parallel_size")
+    except DeltaConfigError as e:
+        raise RunConfigError(str(e)) from None
     max_pos = m.max_position_embeddings or m.seq_length
     check(m.position_embedding_type == "rope" or max_pos >= m.seq_length,
           f"model.max_position_embeddings={max_pos} < model.seq_length={m.seq_length}")

@@ -48,44 +48,57 @@ def layout_before_layer(delta: DeltaResidualConfig, num_layers: int, layer_index
     return StateLayout(delta.additive, False, 1 + 2 * layer_index)
 
 
+@dataclasses.dataclass(frozen=True)
+class Bookkeeping:
+    """What a variant does with the state, fixed once when the model is built."""
+
+    keeps_stream: bool  # additive variants: x is kept and every v is added to it
+    sums_blocks: bool  # block variants: v goes into the open block's partial sum
+    routes_partial: bool  # attnres_block: the open block's partial sum is routed over too
+
+    @classmethod
+    def of(cls, delta: DeltaResidualConfig) -> "Bookkeeping":
+        return cls(delta.additive, delta.uses_blocks, delta.variant == "attnres_block")
+
+
 @dataclasses.dataclass
 class DepthState:
-    delta: DeltaResidualConfig
+    rules: Bookkeeping
     hidden: Optional[Tensor]
     sources: list
     partial: Optional[Tensor] = None
 
     @classmethod
-    def start(cls, delta: DeltaResidualConfig, embedding: Tensor) -> "DepthState":
-        return cls(delta, embedding if delta.additive else None, [embedding])
+    def start(cls, rules: Bookkeeping, embedding: Tensor) -> "DepthState":
+        return cls(rules, embedding if rules.keeps_stream else None, [embedding])
 
     @property
     def layout(self) -> StateLayout:
         return StateLayout(self.hidden is not None, self.partial is not None, len(self.sources))
 
     def route_sources(self) -> list:
-        if self.delta.variant == "attnres_block" and self.partial is not None:
+        if self.rules.routes_partial and self.partial is not None:
             return self.sources + [self.partial]
         return self.sources
 
     def add_output(self, v: Tensor) -> "DepthState":
-        hidden = self.hidden + v if self.delta.additive else None
-        if self.delta.uses_blocks:
+        hidden = self.hidden + v if self.rules.keeps_stream else None
+        if self.rules.sums_blocks:
             partial = v if self.partial is None else self.partial + v
-            return DepthState(self.delta, hidden, self.sources, partial)
-        return DepthState(self.delta, hidden, self.sources + [v])
+            return DepthState(self.rules, hidden, self.sources, partial)
+        return DepthState(self.rules, hidden, self.sources + [v])
 
     def close_block(self) -> "DepthState":
-        return DepthState(self.delta, self.hidden, self.sources + [self.partial])
+        return DepthState(self.rules, self.hidden, self.sources + [self.partial])
 
     # Flat tensor form, for reentrant activation checkpointing and pipeline packing.
     def tensors(self) -> list:
         return [t for t in (self.hidden, self.partial) if t is not None] + self.sources
 
     @classmethod
-    def from_tensors(cls, delta, layout: StateLayout, tensors) -> "DepthState":
+    def from_tensors(cls, rules: Bookkeeping, layout: StateLayout, tensors) -> "DepthState":
         tensors = list(tensors)
         hidden = tensors.pop(0) if layout.has_hidden else None
         partial = tensors.pop(0) if layout.has_partial else None
         assert len(tensors) == layout.num_sources, (len(tensors), layout)
-        return cls(delta, hidden, tensors, partial)
+        return cls(rules, hidden, tensors, partial)

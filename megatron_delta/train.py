@@ -47,24 +47,15 @@ from megatron.core.num_microbatches_calculator import (
     get_num_microbatches,
     init_num_microbatches_calculator,
 )
-from megatron.core.optimizer import (
-    OptimizerConfig,
-    ParamKey,
-    get_megatron_optimizer,
-    get_standard_config_overrides,
-)
-from megatron.core.optimizer_param_scheduler import (
-    OptimizerParamScheduler,
-    ParamGroupOverride,
-    get_canonical_lr_for_logging,
-)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, get_canonical_lr_for_logging
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_delta import collect_routing_stats, link_virtual_stages, pipeline_seq_length
 from megatron_delta.checkpointing import CheckpointError, Checkpointer, check_allowed_changes, starting_point
 from megatron_delta.data import DataError, build_datasets, build_tokenizer
-from megatron_delta.run_lock import RunDirectoryBusy, RunDirectoryLock
+from megatron_delta.parameters import count_parameters, router_lr_overrides
 from megatron_delta.run_config import (
     RunConfig,
     RunConfigError,
@@ -73,6 +64,7 @@ from megatron_delta.run_config import (
     load_run_config,
     padded_vocab_size,
 )
+from megatron_delta.run_lock import RunDirectoryBusy, RunDirectoryLock
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: "terminated", with a checkpoint to resume from
 
@@ -192,10 +184,7 @@ def build_optimizer(cfg: RunConfig, config, model: list):
     # Passing overrides replaces Megatron's defaults, so start from them (no weight decay on
     # biases and 1-D weights, which includes the routing queries and key-norm weights).
     overrides = get_standard_config_overrides(opt_config)
-    if t.router_lr_mult != 1.0:
-        overrides[ParamKey(name="*router*")] = ParamGroupOverride(
-            max_lr=t.lr * t.router_lr_mult, min_lr=t.min_lr * t.router_lr_mult
-        )
+    overrides.update(router_lr_overrides(opt_config, t.router_lr_mult))
     optimizer = get_megatron_optimizer(opt_config, model, config_overrides=overrides)
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -448,19 +437,12 @@ class PreemptionFlag:
 
 
 def parameter_count(model: list) -> tuple[int, int]:
-    """(all parameters, routing parameters) of the whole model, summed over TP and PP ranks;
-    the tied output-layer copy on the last pipeline stage is not counted twice."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    counts = torch.zeros(2, dtype=torch.float64)
-    for chunk in model:
-        for name, param in chunk.named_parameters():
-            if getattr(param, "shared", False):
-                continue
-            numel = param.numel() * (tp if getattr(param, "tensor_model_parallel", False) else 1)
-            counts += torch.tensor([numel, numel if "router" in name else 0], dtype=torch.float64)
+    """(all parameters, routing parameters) of the whole model: this rank's counts
+    (parameters.count_parameters), summed over pipeline ranks."""
+    counts = count_parameters(model, parallel_state.get_tensor_model_parallel_world_size())
     parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
-    torch.distributed.all_gather_object(parts, counts.tolist(), group=parallel_state.get_pipeline_model_parallel_group())
-    return int(sum(p[0] for p in parts)), int(sum(p[1] for p in parts))
+    torch.distributed.all_gather_object(parts, counts, group=parallel_state.get_pipeline_model_parallel_group())
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,5 +624,7 @@ def main(argv=None) -> int:
             lock.release()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the CLI, which checks the megatron-core release first
+    from megatron_delta import cli
+
+    sys.exit(cli.main(["train", *sys.argv[1:]]))

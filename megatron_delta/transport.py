@@ -4,8 +4,8 @@ Megatron's schedules send one tensor of one shape between stages ([s, b, h], wit
 CP and, under sequence parallelism, TP). A routed model must also send the sources that later
 stages route over, so a stage packs its state along the sequence dimension into
 [slots * s, b, h] and the next stage splits it back. Calling `forward_backward_func` with
-`seq_length=pipeline_seq_length(...)` (and, for interleaved pipelines, `link_virtual_stages` once
-on a rank's model chunks) is all a training loop changes: the schedules' shape logic, SP/CP
+`seq_length=pipeline_seq_length(...)` (and, for interleaved pipelines, `block.link_virtual_stages`
+once on a rank's model chunks) is all a training loop changes: the schedules' shape logic, SP/CP
 division, 1F1B and interleaving then work unpatched, and gradients of every source travel back
 through the same buffer.
 
@@ -32,7 +32,7 @@ import dataclasses
 import torch
 
 from megatron_delta.config import DeltaResidualConfig
-from megatron_delta.state import DepthState, StateLayout, layout_before_layer
+from megatron_delta.state import Bookkeeping, DepthState, StateLayout, layout_before_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,13 +114,13 @@ def pack(state: DepthState, kept: int, slots: int, dtype) -> torch.Tensor:
     return torch.cat(tensors + padding, dim=0)
 
 
-def unpack(packed: torch.Tensor, delta: DeltaResidualConfig, boundary: Boundary, slots: int,
+def unpack(packed: torch.Tensor, rules: Bookkeeping, boundary: Boundary, slots: int,
            kept_sources: list) -> DepthState:
     """The state entering the chunk: the message's tensors, with `kept_sources` (the rank's own
     copies of the oldest sources) in front of the sources that crossed."""
     message = list(torch.split(packed, packed.shape[0] // slots, dim=0))[: boundary.sent_tensors]
     head = int(boundary.layout.has_hidden) + int(boundary.layout.has_partial)
-    return DepthState.from_tensors(delta, boundary.layout, message[:head] + list(kept_sources) + message[head:])
+    return DepthState.from_tensors(rules, boundary.layout, message[:head] + list(kept_sources) + message[head:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,18 +192,3 @@ class SourceCache:
             raise RuntimeError(f"virtual stage {vp_stage} ran a micro-batch that virtual stage {vp_stage - 1} of "
                                "this rank has not run: run the chunks in Megatron's interleaved schedule")
         return self._queues[vp_stage].popleft()
-
-
-def link_virtual_stages(model_chunks) -> None:
-    """Give one pipeline rank's model chunks (a list, wrapped or not) one SourceCache, so that an
-    interleaved pipeline sends each source across each hop once. Call it once after building the
-    chunks (train, parity and the Megatron-LM schedule wrapper do); calling it again is harmless."""
-    from megatron_delta.block import DeltaTransformerBlock  # block imports this module
-
-    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-    blocks = [m for chunk in chunks for m in chunk.modules() if isinstance(m, DeltaTransformerBlock)]
-    if all(block.source_cache is not None and block.source_cache is blocks[0].source_cache for block in blocks):
-        return  # linked already (or nothing to link)
-    cache = SourceCache()
-    for block in blocks:
-        block.source_cache = cache

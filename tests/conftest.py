@@ -21,6 +21,18 @@ if not os.path.exists("/dev/nvidia0"):
 collect_ignore = [] if "WORLD_SIZE" in os.environ else ["parallel"]
 
 
+def pytest_configure(config):
+    """Megatron-Core's CUDA-only calls go to the CPU on machines without CUDA (the CPU shim is
+    applied here, once, before any test module is imported); on a GPU machine nothing is patched
+    and the tests run on the GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        from megatron_delta import cpu_shim
+
+        cpu_shim.install()
+
+
 @pytest.fixture(scope="module")
 def single_process_world():
     """A one-rank gloo world with TP=PP=1 model-parallel state, for single-process model tests."""
@@ -32,7 +44,7 @@ def single_process_world():
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
     yield
     parallel_state.destroy_model_parallel()

@@ -27,14 +27,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from megatron_delta import cpu_shim
+from megatron.core import dist_checkpointing, parallel_state
 
-cpu_shim.install()
-
-from megatron.core import dist_checkpointing, parallel_state  # noqa: E402
-
-from megatron_delta import DeltaResidualConfig, convert, pipeline_seq_length  # noqa: E402
-from megatron_delta.run_config import ModelConfig, load_run_config  # noqa: E402
+from megatron_delta import DeltaResidualConfig, convert, pipeline_seq_length
+from megatron_delta.run_config import ModelConfig, load_run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ, BATCH, MICRO_BATCH = 16, 4, 2
@@ -339,6 +335,9 @@ def _mesh_worker(out_dir: str, cases_file: str) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+    from megatron_delta import cpu_shim
+
+    cpu_shim.install()  # a process of its own: tests/conftest.py does not run here
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()

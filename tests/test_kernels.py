@@ -23,7 +23,7 @@ if not torch.cuda.is_available() and INTERPRETER_ON:
 import pytest
 
 from megatron_delta import kernels
-from megatron_delta.routing import DepthRoute, route
+from megatron_delta.routing import DepthRoute, route, route_block
 from test_routing_memory import make_inputs, saved_bytes_outside_sources
 
 EPS = 1e-6
@@ -153,7 +153,7 @@ def test_route_block_reference_path_on_cpu_equals_per_sublayer_routes():
     sources = [s.detach().cpu().requires_grad_() for s in sources]
     weights = weights.detach().cpu().double()
     assert not kernels.supports(sources)
-    routed, alpha = kernels.route_block(sources, weights, EPS)
+    routed, alpha = route_block(sources, weights, EPS, fused=True)
     for m in range(2):
         expected, expected_alpha = DepthRoute.apply(weights[m], EPS, *sources)
         assert torch.equal(routed[m], expected) and torch.equal(alpha[m], expected_alpha)
@@ -178,8 +178,9 @@ def test_kernels_are_chosen_only_for_cuda_tensors_and_can_be_disabled(monkeypatc
         assert kernels.supports(gpu)
         assert not kernels.supports([gpu[0], gpu[1].double()])
         assert not kernels.supports([gpu[0], torch.zeros(8, 2, device="cuda").t()])  # not contiguous
+        assert kernels.enabled()
         monkeypatch.setenv(kernels.DISABLE_ENV, "0")
-        assert not kernels.supports(gpu)
+        assert not kernels.enabled()
 
 
 @pytest.mark.skipif(not kernels.HAVE_TRITON, reason="triton is not installed")

@@ -4,28 +4,25 @@ Parallel meshes are covered in tests/parallel/ (real processes over gloo)."""
 
 import pytest
 import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.transformer import TransformerConfig
 
-from megatron_delta import cpu_shim
-
-cpu_shim.install()
-
-from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed  # noqa: E402
-from megatron.core.transformer import TransformerConfig  # noqa: E402
-
-from megatron_delta import (  # noqa: E402
+from megatron_delta import (
     DeltaConfigError,
     DeltaGPTModel,
     DeltaResidualConfig,
     collect_routing_stats,
     get_gpt_delta_layer_spec,
 )
-from megatron_delta import kernels  # noqa: E402
-from megatron_delta.layer import DeltaTransformerLayer  # noqa: E402
-from megatron_delta.routing import DepthRoute, route  # noqa: E402
-from test_kernels import INTERPRETER_ON  # noqa: E402
+from megatron_delta import kernels
+from megatron_delta.layer import DeltaTransformerLayer
+from megatron_delta.routing import DepthRoute, DepthRouter, route
+from test_kernels import INTERPRETER_ON
 
 VOCAB, SEQ, BATCH = 128, 16, 2
+# The models are built on the CPU (use_cpu_initialization) and run where the tests run.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 pytestmark = pytest.mark.usefixtures("single_process_world")
@@ -49,14 +46,14 @@ def build(delta, config=None, seed=0, cls=DeltaGPTModel):
     spec = get_gpt_delta_layer_spec(delta, normalization="RMSNorm")
     kwargs = dict(config=config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=SEQ,
                   position_embedding_type="rope")
-    return cls(delta=delta, **kwargs) if cls is DeltaGPTModel else cls(**kwargs)
+    return (cls(delta=delta, **kwargs) if cls is DeltaGPTModel else cls(**kwargs)).to(DEVICE)
 
 
 def batch(seed=1):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
     position_ids = torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1)
-    return tokens, position_ids
+    return tokens.to(DEVICE), position_ids.to(DEVICE)
 
 
 # ---------------------------------------------------------------- routing math
@@ -204,6 +201,61 @@ def test_router_parameters_live_in_layers_and_final_router_only_for_replacement(
         assert all(isinstance(layer, DeltaTransformerLayer) for layer in model.decoder.layers)
 
 
+def test_routers_come_from_the_layer_spec():
+    """The spec carries the routers (built with build_module): swapping the spec's router swaps the model's."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    class HalfEpsRouter(DepthRouter):
+        pass
+
+    delta = DeltaResidualConfig(variant="delta", num_blocks=2)
+    spec = get_gpt_delta_layer_spec(delta, normalization="RMSNorm")
+    assert spec.submodules.attention_router == ModuleSpec(module=DepthRouter, params={"delta": delta})
+    spec.submodules.mlp_router = ModuleSpec(module=HalfEpsRouter, params={"delta": delta})
+    model = DeltaGPTModel(config=transformer_config(), delta=delta, transformer_layer_spec=spec, vocab_size=VOCAB,
+                          max_sequence_length=SEQ, position_embedding_type="rope")
+    assert [type(layer.mlp_router) for layer in model.decoder.layers] == [HalfEpsRouter] * 4
+    assert [type(layer.attention_router) for layer in model.decoder.layers] == [DepthRouter] * 4
+    assert model.decoder.layers[2].mlp_router.label == "layer_03.mlp"
+
+
+@pytest.mark.parametrize("variant", ["delta", "attnres_full"])
+def test_bias_dropout_fusion_is_the_specs_and_changes_nothing(variant, monkeypatch):
+    """The routed layer runs the spec's bias-dropout-add: with bias_dropout_fusion Megatron's fused
+    function is called (once per sublayer) and gives the unfused loss and gradients; the hidden
+    dropout it applies is real. (Without dropout: the fused function is compiled, and compiled
+    dropout draws its masks from another generator than eager dropout.)"""
+    from megatron.core.fusions import fused_bias_dropout
+
+    fused_calls, fused = [], fused_bias_dropout.bias_dropout_add_fused_train
+
+    def counted(*args):
+        fused_calls.append(1)
+        return fused(*args)
+
+    monkeypatch.setattr(fused_bias_dropout, "bias_dropout_add_fused_train", counted)
+    results = {}
+    for fusion, dropout in ((True, 0.0), (False, 0.0), (False, 0.2)):
+        config = transformer_config(add_bias_linear=True, hidden_dropout=dropout, bias_dropout_fusion=fusion)
+        results[fusion, dropout] = loss_and_grads(build(DeltaResidualConfig(variant=variant), config, seed=3).train())
+    assert len(fused_calls) == 2 * 4  # the fused run only, every sublayer
+    (fused_loss, fused_grads), (loss, grads) = results[True, 0.0], results[False, 0.0]
+    assert fused_loss == pytest.approx(loss, rel=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(fused_grads[name], grad, rtol=1e-5, atol=1e-7), name
+    assert results[False, 0.2][0] != pytest.approx(loss, rel=1e-4)
+
+
+def test_kernel_choice_is_fixed_when_the_model_is_built(monkeypatch):
+    monkeypatch.setattr(kernels, "enabled", lambda: False)
+    model = build(DeltaResidualConfig(variant="delta_block", num_blocks=2))
+    monkeypatch.setattr(kernels, "enabled", lambda: True)  # e.g. the environment changes later
+    routers = [m for m in model.modules() if isinstance(m, DepthRouter)]
+    assert len(routers) == 8 and not any(router.fused for router in routers)
+    assert all(router.fused for router in build(DeltaResidualConfig(variant="delta")).modules()
+               if isinstance(router, DepthRouter))
+
+
 # ---------------------------------------------------------------- identity and standard
 
 def test_standard_variant_is_bit_identical_to_gpt_model():
@@ -287,8 +339,9 @@ def loss_and_grads(model):
 def test_fused_kernels_in_the_model_match_the_reference_path(variant, expected_calls, monkeypatch):
     """Every routing call of the model on the Triton kernels (in Triton's interpreter: the models
     of this file live on the CPU) gives the reference path's loss and gradients."""
+    monkeypatch.setattr(kernels, "enabled", lambda: True)  # the routers are built to use the kernels
     model = build(DeltaResidualConfig(variant=variant, num_blocks=2), seed=5)
-    ref_loss, ref_grads = loss_and_grads(model)
+    ref_loss, ref_grads = loss_and_grads(model)  # CPU tensors: the kernels refuse them, reference path
 
     calls, fused_apply = [], kernels.FusedDepthRoute.apply
 

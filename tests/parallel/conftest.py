@@ -1,12 +1,10 @@
 """One gloo world for the whole 4-rank session; each test builds and destroys its own
-model-parallel groups (run_parity does both)."""
+model-parallel groups (run_parity does both). The CPU shim comes from tests/conftest.py."""
 
 import os
 
 import pytest
 import torch
-
-from megatron_delta import cpu_shim
 
 WORLD_SIZE = 4
 
@@ -19,7 +17,6 @@ def gloo_world():
             "(or via tests/test_parallel_suite.py)",
             returncode=2,
         )
-    cpu_shim.install()
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
     yield

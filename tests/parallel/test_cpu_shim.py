@@ -43,6 +43,11 @@ def test_install_is_idempotent_and_reports_cuda_tensor_types():
     assert torch.nn.Parameter(torch.zeros(2)).type() == "torch.cuda.FloatTensor"
     assert torch.zeros(2, dtype=torch.int64).type() == "torch.LongTensor"
     assert torch.zeros(2).type(torch.float64).dtype == torch.float64
+    # DDP's grad sync (megatron-core 0.17+) and the MoE dispatcher order work on CUDA streams.
+    side = torch.cuda.Stream()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.stream(side):
+        assert torch.ones(1, device="cuda").item() == 1.0
 
 
 def test_install_refuses_gpu_machines(monkeypatch):

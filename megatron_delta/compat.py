@@ -1,0 +1,64 @@
+"""The megatron-core releases megatron-delta supports, and every difference between them.
+
+Supported: megatron-core 0.16.1 (Python 3.10/3.11) through 0.19.x (Python 3.12+); CI runs the
+whole suite on 0.16.1 and on 0.19.2. Any other release gets a one-line UnsupportedMegatronCore
+(check_supported) before anything is built, instead of a failure deep inside a forward pass.
+
+What changed between those releases that touches megatron-delta, and where it is absorbed:
+
+    0.17  TransformerLayer.__init__ gains is_mtp_layer, add_layer_offset, pp_layer_offset (0.18:
+          name); TransformerBlock.forward gains extract_layer_indices. DeltaTransformerLayer and
+          DeltaTransformerBlock pass Megatron's keyword arguments through, whatever they are.
+    0.17  DDP's gradient sync orders its collectives against torch.cuda.current_stream(), the
+          MoE all-to-all dispatcher builds a torch.cuda.Stream: covered by cpu_shim (CPU runs
+          only; on GPUs these are real streams).
+    0.18  TransformerBlock._checkpointed_forward moves to megatron.core.recompute: the routed
+          block checkpoints its own depth state with tensor_parallel.checkpoint, in every release.
+    0.19  get_tensor_shapes returns [()] under variable_seq_lengths: the pipeline transport never
+          sets it (it packs along the sequence dimension and hands the schedule a longer
+          seq_length instead).
+    0.17  the tokenizers' detokenize keeps special tokens (0.18: unless told otherwise): detokenize().
+    0.19  Megatron-LM's pretrain() takes a config container instead of a model provider:
+          megatron_delta.megatron_lm (Megatron-LM's training code is not part of megatron-core).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from megatron.core import package_info
+from packaging.version import Version
+
+OLDEST = (0, 16, 1)
+NEWEST_MINOR = (0, 19)  # the newest minor release tested; (0, 20) and later are refused
+MEGATRON_CORE_VERSION = (Version(package_info.__shortversion__).release + (0, 0))[:3]
+
+
+class UnsupportedMegatronCore(RuntimeError):
+    """The installed megatron-core is outside the range megatron-delta is tested on."""
+
+
+def check_supported(version: tuple | None = None) -> None:
+    """Raise UnsupportedMegatronCore, in one line that names the fix, if `version` (default: the
+    installed release) is outside the supported range. The CLI calls it before any command,
+    DeltaGPTModel before building anything."""
+    version = version or MEGATRON_CORE_VERSION
+    if version < OLDEST or version[:2] > NEWEST_MINOR:
+        raise UnsupportedMegatronCore(
+            f"megatron-core {'.'.join(map(str, version))} is not supported by megatron-delta: install a release "
+            f"from {'.'.join(map(str, OLDEST))} to {'.'.join(map(str, NEWEST_MINOR))}.x "
+            "(pip install 'megatron-core>=0.16.1,<0.20'; 0.17 and later need Python >= 3.12)"
+        )
+
+
+def detokenize(tokenizer, ids) -> str:
+    """Text of token ids without special tokens (end-of-document, padding), in every release.
+    0.16 drops them; 0.17 keeps them (its Hugging Face library takes remove_special_tokens, the
+    tokenizer does not pass it on); 0.18+ keep them unless detokenize gets skip_special_tokens."""
+    if MEGATRON_CORE_VERSION >= (0, 18, 0):
+        return tokenizer.detokenize(ids, skip_special_tokens=True)
+    if MEGATRON_CORE_VERSION >= (0, 17, 0):
+        library = tokenizer._tokenizer
+        if "remove_special_tokens" in inspect.signature(library.ids_to_text).parameters:
+            return library.ids_to_text(ids, remove_special_tokens=True)
+    return tokenizer.detokenize(ids)
