@@ -34,6 +34,16 @@ def read_routing_history(metrics_path: str) -> dict[int, dict]:
 
 
 def plot_routing(history: dict[int, dict], output: str, title: str = "") -> None:
+    import matplotlib.pyplot as plt
+
+    fig = routing_figure(history, title)
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+
+
+def routing_figure(history: dict[int, dict], title: str = ""):
+    """The two panels as a matplotlib Figure (heatmap image: the latest mean weights, NaN where a
+    sublayer has fewer sources; lines: max weight per routed sublayer, then their mean)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,8 +91,7 @@ def plot_routing(history: dict[int, dict], output: str, title: str = "") -> None
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(output, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv=None) -> int:
