@@ -654,7 +654,7 @@ def import_hf(hf_dir: str, output: str, delta: DeltaResidualConfig | None = None
 
 def resolve_checkpoint(path: str) -> str:
     """A dist-checkpoint directory, or a trainer checkpoint directory (its `latest` iteration)."""
-    from megatron_delta.train import find_checkpoint
+    from megatron_delta.checkpointing import find_checkpoint
 
     found = find_checkpoint(path)
     if found is None:
@@ -747,7 +747,7 @@ def export_hf(checkpoint: str, output: str, hf_dir: str | None = None, delta: De
     conversion record of an imported checkpoint, or a from-scratch run's model section; the
     routing variant from the checkpoint (conversion.json or the trainer's run_config.yaml), else
     from `delta`."""
-    from megatron.core import dist_checkpointing
+    from megatron_delta import checkpointing
 
     checkpoint = resolve_checkpoint(checkpoint)
     record = read_checkpoint_record(checkpoint)
@@ -766,7 +766,7 @@ def export_hf(checkpoint: str, output: str, hf_dir: str | None = None, delta: De
                 f"--checkpoint {checkpoint} has model.{field}={value!r} but the Hugging Face config gives "
                 f"{derived[field]!r}; pass the --hf-dir this checkpoint was converted from"
             )
-    embedding = dist_checkpointing.load_tensors_metadata(checkpoint)["embedding.word_embeddings.weight"]
+    embedding = checkpointing.load_tensors_metadata(checkpoint)["embedding.word_embeddings.weight"]
     model_cfg = dataclasses.replace(model_cfg, vocab_size=embedding.global_shape[0])  # the padded vocabulary
     layout = WeightLayout.of(model_cfg, hf_config["vocab_size"])
     dtype_name = dtype or hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
@@ -779,7 +779,7 @@ def export_hf(checkpoint: str, output: str, hf_dir: str | None = None, delta: De
     with _staged_output(output) as tmp:
         with one_process_mesh():
             model = build_model(model_cfg, delta, transformer_config_from_hf(hf_config))
-            loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, checkpoint)
+            loaded = checkpointing.load({"model": model.sharded_state_dict()}, checkpoint)
             model.load_state_dict(loaded["model"])
             state = {name: param.detach() for name, param in model.named_parameters()}
         hf_tensors = {name: own_copy(t, DTYPES[dtype_name]) for name, t in megatron_to_hf(state, layout).items()}
@@ -856,6 +856,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # many intra-op threads are slower on small CPU hosts
+    from megatron_delta.checkpointing import CheckpointError
+
     try:
         if args.command == "import":
             record = import_hf(args.hf_dir, args.output, _delta_from_args(args), args.tp, args.pp, args.vpp,
@@ -871,7 +873,7 @@ def main(argv=None) -> int:
             written = export_hf(args.checkpoint, args.output, args.hf_dir, _delta_from_args(args), args.dtype,
                                 args.max_shard_size)
             print(f"wrote {args.output}: {', '.join(written)}")
-    except (ConvertError, RunConfigError, OSError) as e:
+    except (ConvertError, RunConfigError, OSError, CheckpointError) as e:
         print(f"megatron-delta convert: error: {e}", file=sys.stderr)
         return 1
     return 0

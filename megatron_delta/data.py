@@ -22,7 +22,9 @@ checks that keep bad input from failing late (or, for an empty split, from hangi
     Output appears all at once or not at all: it is written under temporary names that are renamed
     only after the last document, and removed on any error or interrupt.
     Exit status: 0 written (skipped lines, if any, are counted on stderr); 1 nothing written (the
-    reason on stderr: unreadable input, no documents left, tokenizer problem); 2 bad command line.
+    reason on stderr: unreadable input, no documents left, tokenizer problem); 2 bad command line;
+    130 / 143 interrupted by SIGINT / SIGTERM (temporary files removed; those of a killed run, left
+    as PREFIX.tmp-HOST-PID.*, are removed by the next preprocess to the same prefix).
 
 Tokenizers (`build_tokenizer`): megatron.core's MegatronTokenizer.
     "byte"         its ByteLevelTokenizer: ids 0-255 are UTF-8 bytes, 256 is end-of-document, 257 is
@@ -47,8 +49,14 @@ import contextlib
 import dataclasses
 import fcntl
 import importlib.util
+import hashlib
 import json
+import math
 import os
+import re
+import signal
+import socket
+import struct
 import sys
 import tempfile
 from typing import Iterable, Iterator
@@ -85,16 +93,35 @@ class DataError(ValueError):
     """Bad data input or configuration, reported before anything is written or built."""
 
 
+def _weight(item) -> float | None:
+    """The number that a blend item spells, or None for a prefix."""
+    try:
+        return float(item)
+    except (TypeError, ValueError):
+        return None
+
+
 def parse_blend(blend: list) -> tuple[list[str], list[float] | None]:
-    """Megatron's blend list ([prefix, ...] or [w1, prefix1, w2, prefix2, ...]) -> (prefixes, weights)."""
+    """Megatron's blend list ([prefix, ...] or [w1, prefix1, w2, prefix2, ...]) -> (prefixes, weights).
+    Megatron reads an odd-length list as prefixes only, so that a missing weight or prefix turns a
+    weight into a path; any number in the list therefore asks for the weighted form, checked here."""
+    expected = "expected [prefix, ...] or [weight1, prefix1, weight2, prefix2, ...]"
     if not isinstance(blend, (list, tuple)) or not blend:
-        raise DataError(
-            f"data.blend={blend!r}: expected a list, [prefix] or [weight1, prefix1, weight2, prefix2, ...]"
-        )
-    prefixes, weights = get_blend_from_list([str(item) for item in blend])
-    if weights is not None and not all(weight > 0 for weight in weights):
-        raise DataError(f"data.blend={blend!r}: every weight must be > 0")
-    return prefixes, weights
+        raise DataError(f"data.blend={blend!r}: {expected}")
+    items = [str(item).strip() for item in blend]
+    if not all(items):
+        raise DataError(f"data.blend={blend!r}: an empty prefix; {expected}")
+    if any(_weight(item) is not None for item in items):
+        if len(items) % 2:
+            raise DataError(f"data.blend={blend!r}: {len(items)} items, but weights and prefixes come in pairs; "
+                            f"{expected}")
+        for weight, prefix in zip(items[::2], items[1::2]):
+            value = _weight(weight)
+            if value is None or _weight(prefix) is not None:
+                raise DataError(f"data.blend={blend!r}: {weight!r}, {prefix!r} is not a weight, prefix pair; {expected}")
+            if not (math.isfinite(value) and value > 0):
+                raise DataError(f"data.blend={blend!r}: every weight must be > 0 and finite, not {weight} (of {prefix})")
+    return get_blend_from_list(items)
 
 
 @dataclasses.dataclass
@@ -301,11 +328,32 @@ def _sentences(text: str, splitter: PunktSentenceTokenizer) -> list[str]:
     return [text[begin:end] for begin, end in zip(starts, starts[1:] + [len(text)])]
 
 
+def _remove_stale_temporaries(output_prefix: str) -> None:
+    """Delete PREFIX.tmp-HOST-PID.bin/.idx left by a preprocess of this host that was killed
+    (SIGKILL, power loss): its pid no longer runs. Temporaries of live or other hosts' processes
+    stay; `.tmpPID` names are those of older versions, written on this host."""
+    directory, base = os.path.split(os.path.abspath(output_prefix))
+    pattern = re.compile(re.escape(base) + r"\.tmp(?:-(?P<host>.+)-)?(?P<pid>\d+)\.(?:bin|idx)")
+    for name in os.listdir(directory):
+        match = pattern.fullmatch(name)
+        if not match or match.group("host") not in (None, socket.gethostname()):
+            continue
+        try:
+            os.kill(int(match.group("pid")), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, name))
+                print(f"removed {os.path.join(directory, name)}, left by a killed preprocess", file=sys.stderr)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 @contextlib.contextmanager
 def _indexed_dataset_builder(output_prefix: str, vocab_size: int) -> Iterator[IndexedDatasetBuilder]:
     """An IndexedDatasetBuilder whose PREFIX.bin/.idx appear only if the with-block completes."""
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    temporary_prefix = f"{output_prefix}.tmp{os.getpid()}"
+    _remove_stale_temporaries(output_prefix)
+    temporary_prefix = f"{output_prefix}.tmp-{socket.gethostname()}-{os.getpid()}"
     builder = IndexedDatasetBuilder(temporary_prefix + ".bin", dtype=DType.optimal_dtype(vocab_size))
     try:
         yield builder
@@ -370,6 +418,14 @@ def preprocess(
     return stats
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is (BaseException: no `except Exception` swallows it)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     """`megatron-delta preprocess`: see the module docstring."""
     parser = argparse.ArgumentParser(
@@ -377,7 +433,7 @@ def main(argv=None) -> int:
         description="Tokenize text (*.txt: one document per blank-line-separated paragraph) or JSON lines "
         "(*.jsonl) into a Megatron indexed dataset PREFIX.bin/PREFIX.idx.",
         epilog="exit status: 0 written (skipped JSONL lines are counted on stderr), 1 nothing written, "
-        "2 bad command line",
+        "2 bad command line, 130/143 interrupted by SIGINT/SIGTERM (temporary files removed)",
     )
     parser.add_argument("--input", required=True, help="*.txt or *.jsonl file")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
@@ -390,6 +446,9 @@ def main(argv=None) -> int:
     parser.add_argument("--append-eod", action="store_true", help="end every document with the end-of-document token")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    # SIGTERM (kill, a job scheduler) would end the process without unwinding; as an exception it
+    # runs the builder's cleanup of its temporary files, like Ctrl-C (KeyboardInterrupt) does.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         tokenizer = load_tokenizer(args.tokenizer, args.tokenizer_path)
         stats = preprocess(
@@ -404,6 +463,11 @@ def main(argv=None) -> int:
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except (Terminated, KeyboardInterrupt) as stop:
+        print(f"interrupted: nothing written to {args.output_prefix}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if stats.skipped:
         print(f"skipped {sum(stats.skipped.values())} lines: {stats.describe_skips()}", file=sys.stderr)
     print(
@@ -448,14 +512,44 @@ def ensure_demo_corpus(cfg: DataConfig) -> list[str]:
     return [prefix]
 
 
-def _check_splits(prefix: str, split_matrix: list, split: str) -> None:
-    """Fail early on a missing dataset or on a split without tokens (GPTDataset would loop forever)."""
-    if not IndexedDataset.exists(prefix):
+def _open_indexed_dataset(prefix: str) -> IndexedDataset:
+    """IndexedDataset(prefix), with a damaged or mismatched .idx/.bin pair a DataError: the .idx
+    must parse, and the .bin must hold exactly the tokens that the .idx points at."""
+    remake = f"re-create it with `megatron-delta preprocess --output-prefix {prefix} ...`"
+    try:
+        dataset = IndexedDataset(prefix)
+        index = dataset.index
+        expected = (int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+                    if len(index) else 0)
+        consistent = (len(index.document_indices) > 0 and index.document_indices[-1] == len(index)
+                      and (index.sequence_lengths >= 0).all())
+    except (AssertionError, ValueError, KeyError, IndexError, TypeError, struct.error) as e:
+        raise DataError(f"data.blend: {prefix}.idx is not a valid Megatron index ({e}); {remake}") from None
+    if not consistent:
+        raise DataError(f"data.blend: {prefix}.idx is not a valid Megatron index (inconsistent tables); {remake}")
+    actual = os.path.getsize(prefix + ".bin")
+    if actual != expected:
         raise DataError(
-            f"data.blend: no indexed dataset {prefix}.bin/.idx; "
-            f"make one with `megatron-delta preprocess --input FILE --output-prefix {prefix}`"
+            f"data.blend: {prefix}.bin has {actual} bytes but {prefix}.idx describes {expected}: truncated, or the "
+            f"two files come from different preprocess runs; {remake}"
         )
-    dataset = IndexedDataset(prefix)  # keep it referenced: its lengths are a view of its mmap
+    return dataset
+
+
+def data_identity(prefixes: list[str]) -> str:
+    """A short hash of the data files (path, size, modification time of every .bin/.idx): the
+    index cache is keyed by it, so that new data written under an old prefix gets a new index."""
+    stamps = []
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            info = os.stat(prefix + suffix)
+            stamps.append((os.path.realpath(prefix + suffix), info.st_size, info.st_mtime_ns))
+    return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]
+
+
+def _check_splits(prefix: str, split_matrix: list, split: str) -> None:
+    """Fail early on a damaged dataset or on a split without tokens (GPTDataset would loop forever)."""
+    dataset = _open_indexed_dataset(prefix)  # keep it referenced: its lengths are a view of its mmap
     lengths = dataset.sequence_lengths
     for part, bounds in zip(Split, split_matrix):
         if bounds is None:
@@ -474,19 +568,27 @@ def build_datasets(cfg: DataConfig, tokenizer, seq_length: int, num_samples: tup
 
     num_samples: samples to draw per split; a split whose weight in cfg.split is 0 comes back None.
     Call on every rank: under torch.distributed, BlendedMegatronDatasetBuilder builds the index
-    cache (cfg.cache_dir/index-cache) on rank 0 first and the other ranks then load it. Without
+    cache (cfg.cache_dir/index-cache/<data identity>) on rank 0 first and the other ranks then load it. Without
     torch.distributed it builds in the one process, caching beside each dataset (PREFIX_DIR/cache).
     """
     prefixes, weights = (ensure_demo_corpus(cfg), None) if cfg.blend is None else parse_blend(cfg.blend)
+    for prefix in prefixes:
+        if not IndexedDataset.exists(prefix):
+            raise DataError(
+                f"data.blend: no indexed dataset {prefix}.bin/.idx; "
+                f"make one with `megatron-delta preprocess --input FILE --output-prefix {prefix}`"
+            )
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend=(prefixes, weights),
         split=cfg.split,
-        # megatron-core 0.16's BlendedDataset calls torch.distributed.get_rank() on an index-cache
-        # miss, so a single process (tests, notebooks) leaves the caching to GPTDataset's default:
-        # a cache/ folder beside each dataset.
-        path_to_cache=os.path.join(cfg.cache_dir, "index-cache") if torch.distributed.is_initialized() else None,
+        # Keyed by the data files' identity (data_identity). megatron-core 0.16's BlendedDataset
+        # calls torch.distributed.get_rank() on an index-cache miss, so a single process (tests,
+        # notebooks) leaves the caching to GPTDataset's default: a cache/ folder beside each
+        # dataset, which is not keyed by the data (the trainer always has a process group).
+        path_to_cache=(os.path.join(cfg.cache_dir, "index-cache", data_identity(prefixes))
+                       if torch.distributed.is_initialized() else None),
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,

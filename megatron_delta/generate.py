@@ -31,6 +31,7 @@ import sys
 import torch
 
 from megatron_delta import convert
+from megatron_delta.checkpointing import CheckpointError
 from megatron_delta.data import DataError, build_tokenizer, load_tokenizer
 from megatron_delta.run_config import ParallelConfig, RunConfig, RunConfigError, build_transformer_config
 
@@ -39,8 +40,8 @@ class GenerateError(ValueError):
     """A checkpoint, prompt or option generation cannot use; the message names it and the fix."""
 
 
-# What a command reports as one line (exit status 1) instead of a traceback.
-USER_ERRORS = (GenerateError, convert.ConvertError, RunConfigError, DataError, OSError)
+# What a command reports as one line (exit status 2) instead of a traceback.
+USER_ERRORS = (GenerateError, convert.ConvertError, CheckpointError, RunConfigError, DataError, OSError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,23 +64,22 @@ def inference_run_config(record: convert.CheckpointRecord, checkpoint: str) -> R
 def load_model_for_inference(checkpoint: str, cfg: RunConfig, config):
     """The DeltaGPTModel of `cfg`, this rank's slice, with the checkpoint's weights, in eval mode
     (dist_checkpointing reshards whatever mesh wrote it)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.core import CheckpointingException
     from torch.distributed.checkpoint.api import CheckpointException
 
+    from megatron_delta import checkpointing
     from megatron_delta.run_config import build_model_chunk
 
     # The padded vocabulary the checkpoint holds (it can differ from what this TP size would pad to).
-    embedding = dist_checkpointing.load_tensors_metadata(checkpoint).get("embedding.word_embeddings.weight")
+    embedding = checkpointing.load_tensors_metadata(checkpoint).get("embedding.word_embeddings.weight")
     if embedding is None:
         raise GenerateError(f"--checkpoint {checkpoint} holds no GPT model (no embedding.word_embeddings.weight)")
     model = build_model_chunk(cfg, config, embedding.global_shape[0], pre_process=True, post_process=True)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
-    try:
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, checkpoint)
-    except (CheckpointingException, CheckpointException) as e:  # Megatron's checks, raised inside torch's load
-        reason = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+    try:  # the safe reader (checkpointing.load): Megatron's own checks are CheckpointErrors
+        loaded = checkpointing.load({"model": model.sharded_state_dict()}, checkpoint)
+    except CheckpointException as e:  # torch's shape checks, raised inside its load
+        reason = next(iter(e.failures.values()))[0]
         raise GenerateError(
             f"--checkpoint {checkpoint}: its weights do not fit the model its run config describes ({reason})"
         ) from None
@@ -135,12 +135,13 @@ def loaded_checkpoint(path: str, tokenizer_path: str | None = None):
 
 
 def run_command(command: str, body) -> int:
-    """body(); 0, or 1 after one `megatron-delta COMMAND: error: ...` line for a user error."""
+    """body(); 0, or 2 (bad input, as every command) after one `megatron-delta COMMAND: error: ...`
+    line for a user error."""
     try:
         body()
     except USER_ERRORS as e:
         print(f"megatron-delta {command}: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

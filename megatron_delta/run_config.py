@@ -16,6 +16,7 @@ command-line overrides, and every check that can be made before a process group 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
@@ -122,6 +123,9 @@ class CheckpointConfig:
     # Optimizer state layout of the distributed optimizer: fully_reshardable loads on any mesh;
     # dp_reshardable saves faster at scale but loads only with the same TP x PP.
     distributed_optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
+    # Keep only the newest N complete checkpoints (older ones are deleted once a newer one is
+    # complete); None keeps all.
+    keep_last: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -173,8 +177,10 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     YAML: `--set data.blend=null`, `--set training.lr=3e-4`), build the typed config."""
     raw = {}
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+        raw = _parse_yaml(path)
+        if raw is None:
+            raise RunConfigError(f"{path} is empty; a run config has sections such as model:, training:, data: "
+                                 f"(see examples/configs)")
         if not isinstance(raw, dict):
             raise RunConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:
@@ -185,8 +191,28 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise RunConfigError(f"{section} must be a mapping of keys")
-        raw[section][name] = yaml.safe_load(value)
+        try:
+            raw[section][name] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise RunConfigError(f"--set {item!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
     return from_dict(raw)
+
+
+def _parse_yaml(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except UnicodeDecodeError as e:
+        raise RunConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        raise RunConfigError(f"{where}: invalid YAML: {_yaml_problem(e)}") from None
+
+
+def _yaml_problem(error) -> str:
+    return " ".join(str(part) for part in (getattr(error, "context", None), getattr(error, "problem", None)) if part) \
+        or str(error).splitlines()[0]
 
 
 def from_dict(raw: dict) -> RunConfig:
@@ -246,14 +272,17 @@ def _coerce(value, hint, path: str):
         return value
     if hint is float:
         # PyYAML reads "3e-4" (no dot) as a string; accept what float() accepts.
+        number = None
         if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise RunConfigError(f"{path}={value!r} must be a number")
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        if number is None:
+            raise RunConfigError(f"{path}={value!r} must be a number")
+        if not math.isfinite(number):
+            raise RunConfigError(f"{path}={value!r} must be a finite number")
+        return number
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -293,8 +322,21 @@ def _validate(cfg: RunConfig, world_size: int) -> None:
         check(value >= 1, f"{key}={value} must be >= 1")
     for key, value in {"training.eval_interval": t.eval_interval,
                        "checkpoint.save_interval": cfg.checkpoint.save_interval,
+                       "checkpoint.keep_last": cfg.checkpoint.keep_last,
                        "parallel.virtual_pipeline_model_parallel_size": vpp}.items():
         check(value is None or value >= 1, f"{key}={value} must be >= 1 or null")
+
+    # Optimiser and model hyper-parameters that Megatron would take silently.
+    check(t.lr > 0, f"training.lr={t.lr} must be > 0")
+    for key in ("adam_beta1", "adam_beta2"):
+        check(0 <= getattr(t, key) < 1, f"training.{key}={getattr(t, key)} must be in [0, 1)")
+    check(t.adam_eps > 0, f"training.adam_eps={t.adam_eps} must be > 0")
+    check(t.weight_decay >= 0, f"training.weight_decay={t.weight_decay} must be >= 0")
+    check(t.initial_loss_scale > 0, f"training.initial_loss_scale={t.initial_loss_scale} must be > 0")
+    check(m.init_method_std > 0, f"model.init_method_std={m.init_method_std} must be > 0")
+    check(m.norm_epsilon > 0, f"model.norm_epsilon={m.norm_epsilon} must be > 0")
+    for key in ("hidden_dropout", "attention_dropout"):
+        check(0 <= getattr(m, key) < 1, f"model.{key}={getattr(m, key)} must be in [0, 1)")
 
     # Mesh.
     check(world_size % (tp * pp) == 0,
@@ -350,6 +392,9 @@ def _validate(cfg: RunConfig, world_size: int) -> None:
           f"model.max_position_embeddings={max_pos} < model.seq_length={m.seq_length}")
 
     # Schedule.
+    check(t.lr_warmup_iters >= 0, f"training.lr_warmup_iters={t.lr_warmup_iters} must be >= 0")
+    check(t.lr_decay_iters is None or t.lr_decay_iters >= 1,
+          f"training.lr_decay_iters={t.lr_decay_iters} must be >= 1 or null")
     decay = t.lr_decay_iters or t.train_iters
     check(t.lr_warmup_iters < decay,
           f"training.lr_warmup_iters={t.lr_warmup_iters} must be < lr_decay_iters={decay} "

@@ -12,12 +12,14 @@ Components, one job each:
     build_optimizer    get_megatron_optimizer (routers at their own lr) + OptimizerParamScheduler
     BatchSource        this data-parallel rank's micro-batches of global batch i
     Trainer            train_step / evaluate with forward_backward_func; loss and routing reduction
-    Checkpointer       dist_checkpointing save (temp dir, rename, atomic `latest`) and resume
+    Checkpointer       (megatron_delta.checkpointing) verified saves, safe loading, resume checks
     MetricsLogger      console progress line, metrics.jsonl, TensorBoard (rank 0)
     PreemptionFlag     SIGTERM / SIGUSR1 -> save at the next step boundary and exit 143
 
-Exit status: 0 finished; 2 bad config or command line (nothing started); 143 (128 + SIGTERM)
-stopped by SIGTERM or SIGUSR1 after saving a checkpoint: rerun with `--resume auto`.
+Exit status: 0 finished; 2 bad input: config, command line, data, or a checkpoint that is
+incomplete, unsafe or saved with another config (an error line on stderr, nothing trained);
+143 (128 + SIGTERM) stopped by SIGTERM or SIGUSR1 after saving a checkpoint: rerun with
+`--resume auto`. One run per logging.dir: a second one exits 2 naming the first (run_lock).
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import socket
 import sys
@@ -39,8 +40,7 @@ import time
 import numpy as np
 import torch
 
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing import ShardedObject
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.num_microbatches_calculator import (
     destroy_num_microbatches_calculator,
@@ -51,9 +51,9 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, get_canonical_lr_for_logging
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
-from megatron.core.utils import unwrap_model
 
 from megatron_delta import collect_routing_stats, link_virtual_stages, pipeline_seq_length
+from megatron_delta.checkpointing import CheckpointError, Checkpointer, check_allowed_changes, starting_point
 from megatron_delta.data import DataError, build_datasets, build_tokenizer
 from megatron_delta.parameters import count_parameters, router_lr_overrides
 from megatron_delta.run_config import (
@@ -64,6 +64,7 @@ from megatron_delta.run_config import (
     load_run_config,
     padded_vocab_size,
 )
+from megatron_delta.run_lock import RunDirectoryBusy, RunDirectoryLock
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: "terminated", with a checkpoint to resume from
 
@@ -220,21 +221,6 @@ def wire_model_config(config, cfg: RunConfig, model: list, optimizer) -> None:
             config.param_sync_func = config.param_sync_func[0]
 
 
-@contextlib.contextmanager
-def params_gathered(model: list, overlap_param_gather: bool):
-    """With overlap_param_gather the distributed optimizer leaves the updated parameters to be
-    all-gathered by forward pre-hooks; a checkpoint needs them gathered now."""
-    if overlap_param_gather:
-        for chunk in model:
-            chunk.disable_forward_pre_hook(param_sync=True)
-    try:
-        yield
-    finally:
-        if overlap_param_gather:
-            for chunk in model:
-                chunk.enable_forward_pre_hook()
-
-
 # ---------------------------------------------------------------------------------------------
 # Data
 
@@ -381,193 +367,6 @@ def routing_sharpness(routing: dict) -> tuple[float, float] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _rng_state() -> dict:
-    return {
-        "random": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def _write_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def find_checkpoint(path: str) -> str | None:
-    """The complete dist-checkpoint at `path`: `path` itself, or the one its `latest` names."""
-    if dist_checkpointing.check_is_distributed_checkpoint(path):
-        return path
-    pointer = os.path.join(path, "latest")
-    if os.path.isfile(pointer):
-        with open(pointer, encoding="utf-8") as f:
-            latest = os.path.join(path, f.read().strip())
-        if dist_checkpointing.check_is_distributed_checkpoint(latest):
-            return latest
-    return None
-
-
-def _require_checkpoint(path: str, key: str) -> str:
-    found = find_checkpoint(path)
-    if found is None:
-        raise RunConfigError(
-            f"{key}={path!r} is neither a complete dist-checkpoint (metadata.json) nor a checkpoint "
-            f"directory whose `latest` names one"
-        )
-    return found
-
-
-def _chunk_keys(model: list) -> list:
-    """Megatron-LM's checkpoint keys: "model", or "model0", "model1", ... per virtual stage. The
-    tensors inside carry global layer numbers, so any mesh can load any other's checkpoint."""
-    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
-
-
-class Checkpointer:
-    """dist_checkpointing checkpoints in <dir>/iter_XXXXXXX/ with a `latest` pointer.
-
-    A save is written to iter_XXXXXXX.tmp, renamed when every rank has finished, and only then
-    named in `latest` (written to a temporary file and renamed): an interrupted save never
-    replaces the last good checkpoint. Contents: each model chunk's sharded_state_dict, the
-    optimizer's sharded_state_dict, scheduler, per-rank RNG states, iteration, consumed samples
-    and the mesh; the resolved run config is saved beside them as run_config.yaml. Loading on
-    another mesh reshards (RNG states are then left as seeded).
-    """
-
-    def __init__(self, cfg: RunConfig, model: list, optimizer, scheduler):
-        self.cfg = cfg
-        self.dir = cfg.checkpoint_dir
-        self.model = model
-        self.chunks = {key: unwrap_model(chunk) for key, chunk in zip(_chunk_keys(model), model)}
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.mesh = {
-            "tp": parallel_state.get_tensor_model_parallel_world_size(),
-            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-            "dp": parallel_state.get_data_parallel_world_size(),
-            "vpp": cfg.parallel.virtual_pipeline_model_parallel_size,
-        }
-        self.last_saved_iteration = None
-
-    @staticmethod
-    def starting_point(cfg: RunConfig) -> tuple[str | None, bool]:
-        """(checkpoint to start from or None, weights only?), checked before any process starts:
-        checkpoint.resume (auto: this run's latest checkpoint, if any), else checkpoint.load."""
-        ck = cfg.checkpoint
-        if ck.resume == "auto":
-            own = find_checkpoint(cfg.checkpoint_dir)
-            if own is not None:
-                return own, False
-        elif ck.resume is not None:
-            return _require_checkpoint(ck.resume, "checkpoint.resume"), False
-        if ck.load is not None:
-            return _require_checkpoint(ck.load, "checkpoint.load"), ck.finetune
-        return None, False
-
-    def _model_state(self) -> dict:
-        return {key: chunk.sharded_state_dict() for key, chunk in self.chunks.items()}
-
-    def _load_model(self, loaded: dict) -> None:
-        for key, chunk in self.chunks.items():
-            chunk.load_state_dict(loaded[key])
-
-    def _sharded_state_dict(self, is_loading: bool, with_rng: bool) -> dict:
-        state = self._model_state()
-        state["optimizer"] = self.optimizer.sharded_state_dict(
-            dict(state),
-            is_loading=is_loading,
-            metadata={
-                "distrib_optim_sharding_type": self.cfg.checkpoint.distributed_optimizer_format,
-                "chained_optim_avoid_prefix": True,
-            },
-        )
-        if with_rng:
-            state["rng_state"] = ShardedObject(
-                "rng_state",
-                _rng_state(),
-                (self.mesh["pp"], self.mesh["tp"], self.mesh["dp"]),
-                (
-                    parallel_state.get_pipeline_model_parallel_rank(),
-                    parallel_state.get_tensor_model_parallel_rank(),
-                    parallel_state.get_data_parallel_rank(),
-                ),
-                replica_id=0,
-            )
-        return state
-
-    def save(self, iteration: int, consumed_samples: int) -> str | None:
-        """Save unless this iteration already is; returns the checkpoint directory written."""
-        if self.last_saved_iteration == iteration:
-            return None
-        name = f"iter_{iteration:07d}"
-        final, tmp = os.path.join(self.dir, name), os.path.join(self.dir, f"{name}.tmp")
-        rank0 = torch.distributed.get_rank() == 0
-        if rank0:
-            shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
-            os.makedirs(tmp)
-        torch.distributed.barrier()
-        with params_gathered(self.model, self.cfg.parallel.overlap_param_gather):
-            state = self._sharded_state_dict(is_loading=False, with_rng=True)
-        state.update(
-            scheduler=self.scheduler.state_dict(),
-            iteration=iteration,
-            consumed_train_samples=consumed_samples,
-            mesh=self.mesh,
-        )
-        dist_checkpointing.save(state, tmp)  # ends with a barrier over all ranks
-        if rank0:
-            _write_atomically(os.path.join(tmp, "run_config.yaml"), self.cfg.to_yaml())
-            # A run resumed from an older checkpoint may reach an iteration saved before: keep
-            # that copy until the new one is in place.
-            replaced = f"{final}.replaced"
-            if os.path.exists(final):
-                os.rename(final, replaced)
-            os.rename(tmp, final)
-            _write_atomically(os.path.join(self.dir, "latest"), name)
-            shutil.rmtree(replaced, ignore_errors=True)
-        torch.distributed.barrier()
-        self.last_saved_iteration = iteration
-        return final
-
-    def load(self, path: str, weights_only: bool) -> tuple[int, int]:
-        """Restore from `path`; returns (iteration, consumed samples) to continue from."""
-        if weights_only:
-            self._load_model(dist_checkpointing.load(self._model_state(), path))
-            # fp32 main copies of bf16/fp16 weights were taken when the optimizer was built.
-            self.optimizer.reload_model_params()
-            return 0, 0
-        common = dist_checkpointing.load_common_state_dict(path)
-        same_mesh = common["mesh"] == self.mesh
-        loaded = dist_checkpointing.load(self._sharded_state_dict(is_loading=True, with_rng=same_mesh), path)
-        self._load_model(loaded)
-        self.optimizer.load_state_dict(loaded["optimizer"])
-        self.scheduler.load_state_dict(loaded["scheduler"])
-        if same_mesh:
-            _set_rng_state(loaded["rng_state"])
-        if os.path.realpath(os.path.dirname(os.path.normpath(path))) == os.path.realpath(self.dir):
-            self.last_saved_iteration = common["iteration"]
-        return common["iteration"], common["consumed_train_samples"]
-
-
-# ---------------------------------------------------------------------------------------------
 # Logging and signals
 
 
@@ -672,7 +471,7 @@ def _run(cfg: RunConfig, start_from: str | None, weights_only: bool, device: tor
     model = build_model(cfg, config, padded_vocab_size(cfg, tokenizer.vocab_size), on_gpu)
     optimizer, scheduler = build_optimizer(cfg, config, model)
     wire_model_config(config, cfg, model, optimizer)
-    checkpointer = Checkpointer(cfg, model, optimizer, scheduler)
+    checkpointer = Checkpointer(cfg, model, optimizer, scheduler, say=log.print)
     trainer = Trainer(cfg, config, model, optimizer, scheduler, device)
 
     params, router_params = parameter_count(model)
@@ -778,29 +577,51 @@ def parse_args(argv):
         prog="megatron-delta train",
         description="Pre-train a Delta Attention Residuals GPT with Megatron-Core. "
         "Multi-process: torchrun --nproc_per_node=N -m megatron_delta.train --config ...",
-        epilog=f"exit status: 0 done, 2 bad config, {EXIT_PREEMPTED} stopped by SIGTERM/SIGUSR1 after "
-        "saving a checkpoint (rerun with --resume auto)",
+        epilog=f"exit status: 0 done, 2 bad input (config, command line, data, checkpoint, run directory in "
+        f"use), {EXIT_PREEMPTED} stopped by SIGTERM/SIGUSR1 after saving a checkpoint (rerun with --resume auto)",
     )
     parser.add_argument("--config", required=True, help="run config YAML (see examples/configs)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (YAML syntax), repeatable: --set training.lr=3e-4")
     parser.add_argument("--resume", metavar="auto|PATH",
-                        help="auto: continue from the latest complete checkpoint if there is one; "
+                        help="auto: continue from the newest complete checkpoint if there is one; "
                         "PATH: from that checkpoint (same as --set checkpoint.resume=...)")
+    parser.add_argument("--allow-config-change", action="append", default=[], metavar="SECTION.FIELD",
+                        help="resume although this model/delta/training/data field differs from the "
+                        "checkpoint's saved config, repeatable: --allow-config-change training.train_iters")
     return parser.parse_args(argv)
+
+
+def _error(message) -> int:
+    print(f"megatron-delta train: error: {message}", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = args.set + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    lock = None
     try:
         cfg = load_run_config(args.config, overrides)
         cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        start_from, weights_only = Checkpointer.starting_point(cfg)
-    except (RunConfigError, DataError, OSError) as e:
-        print(f"megatron-delta train: error: {e}", file=sys.stderr)
-        return 2
-    return train(cfg, start_from, weights_only)
+        check_allowed_changes(args.allow_config_change)
+        if rank0:  # taken before reading checkpoints: no other run is writing them
+            lock = RunDirectoryLock(cfg.logging.dir)
+        start_from, weights_only, notes = starting_point(cfg, args.allow_config_change)
+    except (RunConfigError, DataError, CheckpointError, RunDirectoryBusy, OSError) as e:
+        if lock is not None:
+            lock.release()
+        return _error(e)
+    for note in notes if rank0 else ():
+        print(note, flush=True)
+    try:
+        return train(cfg, start_from, weights_only)
+    except (DataError, CheckpointError) as e:  # found once the data or checkpoint is read
+        return _error(e)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":  # through the CLI, which checks the megatron-core release first

@@ -410,4 +410,5 @@ def test_two_ranks_build_the_same_datasets(tmp_path, byte_tokenizer):
     # one dataset, no temporaries; one index per split, built once
     corpus = "pydoc-topics-py%d%d-byte" % sys.version_info[:2]
     assert sorted(os.listdir(cache)) == ["index-cache", f"{corpus}.bin", f"{corpus}.idx", f"{corpus}.lock"]
-    assert len([name for name in os.listdir(cache / "index-cache") if name.endswith("shuffle_index.npy")]) == 3
+    (identity,) = os.listdir(cache / "index-cache")  # keyed by the data files (data.data_identity)
+    assert len([name for name in os.listdir(cache / "index-cache" / identity) if name.endswith("shuffle_index.npy")]) == 3

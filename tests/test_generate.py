@@ -213,7 +213,7 @@ def test_generate_reports_an_unusable_checkpoint(trained_run, tmp_path):
     (mismatched / "run_config.yaml").write_text(config.replace("hidden_size: 64", "hidden_size: 96"))
     for checkpoint, message in [(empty, "is not a dist-checkpoint"), (mismatched, "do not fit the model")]:
         result = cli("generate", "--checkpoint", str(checkpoint), "--prompt", "x")
-        assert result.returncode == 1, result.stderr[-3000:]
+        assert result.returncode == 2, result.stderr[-3000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("megatron-delta generate: error:")]
         assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr[-3000:]
 

@@ -170,7 +170,8 @@ def test_sigterm_checkpoint_resumes_bit_for_bit(reference, data_dir, tmp_path):
     # The remains of an interrupted later save must not be taken for a checkpoint.
     os.makedirs(os.path.join(run_dir, "checkpoints", f"iter_{stopped_at + 1:07d}.tmp"))
 
-    out = launch(run_dir, data_dir, [f"training.train_iters={stopped_at + 2}"], extra=["--resume", "auto"])
+    out = launch(run_dir, data_dir, [f"training.train_iters={stopped_at + 2}"],
+                 extra=["--resume", "auto", "--allow-config-change", "training.train_iters"])
     assert f"iteration {stopped_at}, {stopped_at * 8} samples consumed" in out
     resumed = losses(run_dir)
     assert sorted(resumed) == list(range(1, stopped_at + 3))
