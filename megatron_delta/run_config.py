@@ -77,14 +77,14 @@ class ParallelConfig:
 
 @dataclasses.dataclass
 class TrainingConfig:
-    """Optimiser, schedule and cadence. Defaults are the paper's recipe: AdamW (0.9, 0.95),
-    eps 1e-8, weight decay 0.1, clip 1.0, cosine 6e-4 -> 6e-5 with 1000 warmup steps."""
+    """Optimiser, schedule and cadence. Defaults are the paper's recipe: 10K steps of AdamW
+    (0.9, 0.95), eps 1e-8, weight decay 0.1, clip 1.0, cosine 6e-4 -> 6e-5 with 1000 warmup steps."""
 
     micro_batch_size: int = 1
     global_batch_size: int = 8
     # Sizes the training dataset (train_iters x global_batch_size samples). Past one epoch,
     # GPTDataset shuffles over all epochs, so changing it on resume changes the sample order.
-    train_iters: int = 1000
+    train_iters: int = 10000
     lr: float = 6e-4
     min_lr: float = 6e-5
     lr_warmup_iters: int = 1000

@@ -140,6 +140,13 @@ def test_every_shipped_config_validates_on_its_mesh(path):
     assert from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
 
 
+def test_the_defaults_are_a_valid_run():
+    """What a section left out of a YAML (or a converted checkpoint's record) gets passes every check."""
+    from megatron_delta.run_config import RunConfig
+
+    RunConfig().validate(world_size=1)
+
+
 # Qwen3-0.6B's config.json (the fields the converter reads).
 QWEN3_0P6B = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=1024, intermediate_size=3072,
                   num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
