@@ -11,6 +11,7 @@ COMMANDS = {
     "plan": ("megatron_delta.plan", "per-rank memory / traffic plan for a parallel layout"),
     "convert": ("megatron_delta.convert", "Hugging Face <-> Megatron dist-checkpoint conversion"),
     "parity": ("megatron_delta.parity", "compare a parallel mesh against one process"),
+    "compare": ("megatron_delta.compare", "variants x seeds ablation with intervals, plots and a report"),
 }
 
 
