@@ -1,4 +1,4 @@
-"""`megatron-delta compare --config CFG --variants standard,attnres_block,delta_block,delta
+"""`megatron-delta compare --config CFG --variants standard,attnres_block,attnres_full,delta_block,delta
 --seeds 3 [--set section.key=value ...] --output DIR`: the paper's ablation as one command.
 
 Trains every (variant, seed) as a normal `megatron-delta train` run of the same config, with only
@@ -31,7 +31,8 @@ Report (all numbers from the runs' metrics.jsonl)
     "Deep" = the deeper half of the 2 x num_layers sublayers (the final routing of the Kimi
     variants is not a sublayer). The statement section turns the intervals into words for the
     paper's two claims: lower validation perplexity than `standard`; sharper deep routing for the
-    Delta variants (mean max weight ~0.6) than for Attention Residuals (~0.2).
+    Delta variants (mean max weight ~0.6) than for Attention Residuals (~0.2) over the same sources
+    (delta vs attnres_full, delta_block vs attnres_block).
 
 Exit status: 0 report written (or, with --slurm, jobs submitted); 2 bad command line or config;
 otherwise the exit status of the run that failed (143: stopped by a signal, re-run to resume).
@@ -58,7 +59,9 @@ from megatron_delta.run_config import RunConfigError, load_run_config
 from megatron_delta.seed_stats import Estimate, estimate, paired_difference
 
 DELTA_VARIANTS = ("delta", "delta_block")
-ATTNRES_VARIANTS = ("attnres_block", "attnres_full")
+# Each Delta variant's Attention Residuals counterpart routes over the same sources, so their max
+# routing weights share a uniform baseline (1/#sources) and compare like for like.
+ATTNRES_COUNTERPART = {"delta": "attnres_full", "delta_block": "attnres_block"}
 # compare sets these per run; a --set of them would break the comparison.
 RUN_KEYS = ("delta.variant", "training.seed", "logging.dir", "checkpoint.dir", "checkpoint.resume")
 SBATCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "slurm", "pretrain.sbatch")
@@ -208,8 +211,14 @@ def submit_to_slurm(run: Run, config: str, overrides: list[str], sbatch_args: li
 
 
 def depth_order(routing: dict) -> list[str]:
-    """Sublayer labels in depth order ("layer_00.attention", "layer_00.mlp", ...), then "final"."""
-    return sorted(label for label in routing if label != "final") + [label for label in routing if label == "final"]
+    """Router labels in depth order ("layer_01.attention", "layer_01.mlp", ..., "layer_100.attention",
+    ...), then "final" (the Kimi variants' routing before the last norm)."""
+
+    def depth(label):
+        layer, sublayer = label.split(".")
+        return int(layer.removeprefix("layer_")), sublayer != "attention"
+
+    return sorted((label for label in routing if label != "final"), key=depth) + (["final"] if "final" in routing else [])
 
 
 def read_run(run: Run, train_iters: int) -> dict:
@@ -309,7 +318,8 @@ def summarize_variant(runs: list[dict], standard: list[dict] | None) -> dict:
             "deep_uniform_max_weight": deep_mean(first["uniform_max_weight"], first["num_sources"]),
         }
         for key in ("deep_max_weight", "deep_entropy_norm"):
-            out["sharpness"][key] = estimate(out["sharpness"][f"{key}_per_seed"]).to_dict()
+            per_seed = out["sharpness"][f"{key}_per_seed"]  # None: no deep sublayer has 2+ sources
+            out["sharpness"][key] = None if None in per_seed else estimate(per_seed).to_dict()
         labels, weights = zip(*(routing_matrix(r["routing"]) for r in runs))
         mean_weights = np.mean(np.stack(weights), axis=0)  # NaN past a sublayer's sources -> null in JSON
         out["heatmap"] = {"labels": labels[0], "step": runs[0]["routing_step"],
@@ -348,10 +358,9 @@ def _interval(d: dict, digits: int = 3) -> str:
 def claims(variants: dict) -> dict:
     """Claim 1: a Delta variant reaches lower validation perplexity than standard (paired
     difference of the final validation loss, 95% interval entirely below 0). Claim 2: a Delta
-    variant routes sharper in deep sublayers than Attention Residuals (paired difference of the
-    deep mean max weight, interval entirely above 0)."""
+    variant routes sharper in deep sublayers than its Attention Residuals counterpart over the
+    same sources (paired difference of the deep mean max weight, interval entirely above 0)."""
     deltas = [v for v in variants if v in DELTA_VARIANTS]
-    attnres = [v for v in variants if v in ATTNRES_VARIANTS]
     perplexity, sharpness = [], []
     if "standard" not in variants or not deltas:
         perplexity.append({"verdict": "not tested", "text": "needs `standard` and a Delta variant "
@@ -365,20 +374,28 @@ def claims(variants: dict) -> dict:
             f"{d['n']} paired seed(s) (perplexity x{ratio['mean']:.3f})"
             + ("." if verdict != "cannot resolve" else "; the interval includes 0.")
         )})
-    if not deltas or not attnres:
-        sharpness.append({"verdict": "not tested", "text": "needs a Delta variant and an Attention Residuals "
-                          "variant (attnres_block or attnres_full) in --variants."})
+    if not deltas:
+        sharpness.append({"verdict": "not tested", "text": "needs a Delta variant (delta or delta_block) in --variants."})
     for v in deltas:
-        for a in attnres:
-            mine = variants[v]["sharpness"]["deep_max_weight_per_seed"]
-            theirs = variants[a]["sharpness"]["deep_max_weight_per_seed"]
-            diff = paired_difference(mine, theirs)
-            verdict = _verdict(diff, better_when_negative=False)
-            sharpness.append({"variant": v, "against": a, "verdict": verdict, "difference": diff.to_dict(), "text": (
-                f"`{v}` vs `{a}` {verdict} it: deep mean max weight {np.mean(mine):.3f} vs {np.mean(theirs):.3f} "
-                f"(paper: ~0.6 vs ~0.2), difference {_interval(diff.to_dict())} over {diff.n} paired seed(s)"
-                + ("." if verdict != "cannot resolve" else "; the interval includes 0.")
-            )})
+        a = ATTNRES_COUNTERPART[v]
+        if a not in variants:
+            sharpness.append({"variant": v, "against": a, "verdict": "not tested", "text": (
+                f"`{v}`: not tested; add `{a}` to --variants (the Attention Residuals variant over the same sources).")})
+            continue
+        mine = variants[v]["sharpness"]["deep_max_weight_per_seed"]
+        theirs = variants[a]["sharpness"]["deep_max_weight_per_seed"]
+        if None in mine + theirs:
+            sharpness.append({"variant": v, "against": a, "verdict": "not tested", "text": (
+                f"`{v}` vs `{a}`: no deep sublayer routes over 2+ sources (too few layers or blocks).")})
+            continue
+        diff = paired_difference(mine, theirs)
+        verdict = _verdict(diff, better_when_negative=False)
+        sharpness.append({"variant": v, "against": a, "verdict": verdict, "difference": diff.to_dict(), "text": (
+            f"`{v}` vs `{a}` {verdict} it: deep mean max weight {np.mean(mine):.3f} vs {np.mean(theirs):.3f} "
+            f"(paper: ~0.6 vs ~0.2; uniform {variants[v]['sharpness']['deep_uniform_max_weight']:.3f}), difference "
+            f"{_interval(diff.to_dict())} over {diff.n} paired seed(s)"
+            + ("." if verdict != "cannot resolve" else "; the interval includes 0.")
+        )})
     return {"lower_perplexity": perplexity, "sharper_routing": sharpness}
 
 
@@ -566,16 +583,17 @@ def render_markdown(report: dict, figures: dict) -> str:
             f"{summary['val_ppl_ratio_to_standard']['mean']:.3f}" if vs else "-",
             _fmt(summary.get("tokens_per_s_ratio"), ".2f"), _fmt(summary.get("peak_memory_ratio"), ".2f"),
             f"{summary['params']:,} ({summary['routing_params']:,})",
-            f"{_pm(sharp['deep_max_weight'])} ({sharp['deep_uniform_max_weight']:.3f})" if sharp else "-",
-            _pm(sharp["deep_entropy_norm"]) if sharp else "-",
+            f"{_pm(sharp['deep_max_weight'])} ({sharp['deep_uniform_max_weight']:.3f})"
+            if sharp and sharp["deep_max_weight"] else "-",
+            _pm(sharp["deep_entropy_norm"]) if sharp and sharp["deep_entropy_norm"] else "-",
         ]) + " |")
     lines += ["", "## Statement", ""]
     c = report["claims"]
     lines.append(f"**Claim 1 — lower validation perplexity than standard: {_overall(c['lower_perplexity'])}.**")
     lines += [f"- {item['text']}" for item in c["lower_perplexity"]]
     lines.append("")
-    lines.append(f"**Claim 2 — sharper routing in deep layers than Attention Residuals (mean max weight ~0.6 vs "
-                 f"~0.2): {_overall(c['sharper_routing'])}.**")
+    lines.append(f"**Claim 2 — sharper routing in deep layers than Attention Residuals over the same sources (mean "
+                 f"max weight ~0.6 vs ~0.2): {_overall(c['sharper_routing'])}.**")
     lines += [f"- {item['text']}" for item in c["sharper_routing"]]
     lines += ["", "A claim is *supported* when the 95% interval of the paired difference lies entirely on its side "
               "of 0, *contradicted* when it lies entirely on the other side, and *not resolved* when it includes 0 "
@@ -626,7 +644,7 @@ def parse_args(argv):
         epilog="Re-running the same command skips finished runs and resumes interrupted ones.",
     )
     parser.add_argument("--config", required=True, help="run config YAML (see examples/configs)")
-    parser.add_argument("--variants", default="standard,attnres_block,delta_block,delta",
+    parser.add_argument("--variants", default="standard,attnres_block,attnres_full,delta_block,delta",
                         help=f"comma-separated, from {', '.join(VARIANTS)} (default: %(default)s)")
     parser.add_argument("--seeds", default="3", help="a count (seeds training.seed, +1, ...) or a comma-separated "
                         "list of training seeds (default: %(default)s)")

@@ -51,7 +51,7 @@ def test_estimate_and_paired_difference_by_hand():
     # differences -0.2, -0.1, -0.3: mean -0.2, std 0.1, half-width 4.302652729749464 * 0.1 / sqrt(3)
     d = paired_difference([5.0, 4.4, 4.8], [5.2, 4.5, 5.1])
     assert d.mean == pytest.approx(-0.2) and d.std == pytest.approx(0.1)
-    assert d.low == pytest.approx(-0.448416, abs=1e-6) and d.high == pytest.approx(0.048416, abs=1e-6)
+    assert d.low == pytest.approx(-0.448413771, abs=1e-9) and d.high == pytest.approx(0.048413771, abs=1e-9)
     assert not d.excludes(0.0) and d.excludes(0.1)
     one = estimate([3.0])
     assert (one.std, one.low, one.high) == (None, None, None) and not one.excludes(0.0)
@@ -63,7 +63,7 @@ def _variant(losses, standard_losses=None, deep_max=None):
         out["val_loss_minus_standard"] = paired_difference(losses, standard_losses).to_dict()
         out["val_ppl_ratio_to_standard"] = {"mean": 1.0}
     if deep_max is not None:
-        out["sharpness"] = {"deep_max_weight_per_seed": deep_max}
+        out["sharpness"] = {"deep_max_weight_per_seed": deep_max, "deep_uniform_max_weight": 0.25}
     return out
 
 
@@ -73,17 +73,26 @@ def test_claim_verdicts_follow_the_intervals():
         "standard": {},
         "delta_block": _variant([4.5, 4.0, 4.4], std, deep_max=[0.65, 0.64, 0.66]),  # clearly lower, sharper
         "delta": _variant([5.5, 4.3, 4.6], std, deep_max=[0.30, 0.50, 0.20]),  # mixed signs
+        "attnres_block": _variant([4.9, 4.5, 4.7], std, deep_max=[0.46, 0.52, 0.50]),
         "attnres_full": _variant([5.6, 5.8, 5.7], std, deep_max=[0.22, 0.27, 0.25]),
     }
     c = compare.claims(variants)
     verdicts = {item["variant"]: item["verdict"] for item in c["lower_perplexity"]}
     assert verdicts == {"delta_block": "supports", "delta": "cannot resolve"}
+    # each Delta variant against the Attention Residuals variant over the same sources
     sharp = {(item["variant"], item["against"]): item["verdict"] for item in c["sharper_routing"]}
-    assert sharp == {("delta_block", "attnres_full"): "supports", ("delta", "attnres_full"): "cannot resolve"}
+    assert sharp == {("delta_block", "attnres_block"): "supports", ("delta", "attnres_full"): "cannot resolve"}
     assert compare._overall(c["lower_perplexity"]) == "mixed: cannot resolve, supports"
-    worse = compare.claims({"standard": {}, "delta": _variant([5.2, 4.6, 5.0], std)})
+    worse = compare.claims({"standard": {}, "delta": _variant([5.2, 4.6, 5.0], std, deep_max=[0.2, 0.21, 0.19]),
+                            "attnres_full": _variant([5.0, 4.4, 4.8], std, deep_max=[0.5, 0.6, 0.55])})
     assert worse["lower_perplexity"][0]["verdict"] == "contradicts"
-    assert compare.claims({"delta": _variant([1.0], deep_max=[0.5])})["sharper_routing"][0]["verdict"] == "not tested"
+    assert worse["sharper_routing"][0]["verdict"] == "contradicts"
+    assert compare._overall(worse["sharper_routing"]) == "contradicted"
+    alone = compare.claims({"delta": _variant([1.0], deep_max=[0.5]), "attnres_block": _variant([1.0], deep_max=[0.2])})
+    assert [item["verdict"] for item in alone["lower_perplexity"] + alone["sharper_routing"]] == ["not tested"] * 2
+    one_seed = compare.claims({"delta_block": _variant([1.0], deep_max=[0.9]),
+                               "attnres_block": _variant([1.0], deep_max=[0.1])})
+    assert one_seed["sharper_routing"][0]["verdict"] == "cannot resolve"  # one seed: no interval
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +148,9 @@ def test_report_json_and_figures_hold_the_runs_numbers(comparison):
     runs = {v: [os.path.join(output, "runs", f"{v}-seed{s}") for s in seeds] for v in ("standard", "delta_block")}
     val = {v: [_final(d, "val_loss")[4]["val_loss"] for d in dirs] for v, dirs in runs.items()}
     summary = {v: [_final(d, "peak_memory_bytes")[4] for d in dirs] for v, dirs in runs.items()}
+    for record in summary["standard"] + summary["delta_block"]:  # the trainer's final record
+        assert 100 * 2**20 < record["peak_memory_bytes"] < 8 * 2**30  # a process's RSS with torch loaded
+        assert 0 < record["train_tokens_per_s"] < 1e7 and record["params"] in (32_928, 33_184)
 
     # validation loss, perplexity, paired difference, ratios: recomputed from metrics.jsonl
     block = report["variants"]["delta_block"]
