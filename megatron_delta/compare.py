@@ -486,11 +486,12 @@ def plot_heatmaps(report: dict):
     routed = {v: s["heatmap"] for v, s in report["variants"].items() if "heatmap" in s}
     widths = [max(len(h["weights"][0]), 3) for h in routed.values()]
     rows = max(len(h["labels"]) for h in routed.values())
-    fig, axes = plt.subplots(1, len(routed), figsize=(2.5 + 0.5 * sum(widths) + 1.6 * len(routed), 0.28 * rows + 2),
-                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    fig, axes = plt.subplots(1, len(routed), figsize=(1 + 0.5 * sum(widths) + 2.2 * len(routed), 0.28 * rows + 2),
+                             gridspec_kw={"width_ratios": widths}, squeeze=False, layout="constrained")
     for ax, (variant, heat) in zip(axes[0], routed.items()):
         weights = np.array([[np.nan if w is None else w for w in row] for row in heat["weights"]], dtype=float)
         image = draw_heatmap(ax, heat["labels"], weights, f"{variant}\n(mean over seeds, step {heat['step']})")
+        ax.set_xlabel("routing source (emb = embeddings)", fontsize=8)
     fig.colorbar(image, ax=list(axes[0]), fraction=0.03, pad=0.02, label="mean routing weight")
     return fig
 
@@ -718,7 +719,7 @@ def main(argv=None) -> int:
         return 0
     forwarder = SignalForwarder()
     for run in todo:
-        resuming = os.path.exists(run.metrics)
+        resuming = os.path.isfile(os.path.join(run.dir, "checkpoints", "latest"))
         print(f"== {run.name}: {'resuming' if resuming else 'training'} ({run.dir})", flush=True)
         start = time.time()
         rc = run_locally(run, args.config, args.set, args.nproc_per_node, forwarder)
