@@ -31,8 +31,8 @@ Report (all numbers from the runs' metrics.jsonl)
     "Deep" = the deeper half of the 2 x num_layers sublayers (the final routing of the Kimi
     variants is not a sublayer). The statement section turns the intervals into words for the
     paper's two claims: lower validation perplexity than `standard`; sharper deep routing for the
-    Delta variants (mean max weight ~0.6) than for Attention Residuals (~0.2) over the same sources
-    (delta vs attnres_full, delta_block vs attnres_block).
+    Delta variants (mean max weight ~0.6) than for Attention Residuals (~0.2) of the same source
+    granularity (delta vs attnres_full, delta_block vs attnres_block).
 
 Exit status: 0 report written (or, with --slurm, jobs submitted); 2 bad command line or config;
 otherwise the exit status of the run that failed (143: stopped by a signal, re-run to resume).
@@ -59,8 +59,9 @@ from megatron_delta.run_config import RunConfigError, load_run_config
 from megatron_delta.seed_stats import Estimate, estimate, paired_difference
 
 DELTA_VARIANTS = ("delta", "delta_block")
-# Each Delta variant's Attention Residuals counterpart routes over the same sources, so their max
-# routing weights share a uniform baseline (1/#sources) and compare like for like.
+# Each Delta variant's Attention Residuals counterpart routes over sources of the same granularity
+# (every earlier sublayer output, or block sums), so their max routing weights compare like for like
+# (the report gives each one's uniform baseline 1/#sources).
 ATTNRES_COUNTERPART = {"delta": "attnres_full", "delta_block": "attnres_block"}
 # compare sets these per run; a --set of them would break the comparison.
 RUN_KEYS = ("delta.variant", "training.seed", "logging.dir", "checkpoint.dir", "checkpoint.resume")
@@ -359,7 +360,7 @@ def claims(variants: dict) -> dict:
     """Claim 1: a Delta variant reaches lower validation perplexity than standard (paired
     difference of the final validation loss, 95% interval entirely below 0). Claim 2: a Delta
     variant routes sharper in deep sublayers than its Attention Residuals counterpart over the
-    same sources (paired difference of the deep mean max weight, interval entirely above 0)."""
+    same source granularity (paired difference of the deep mean max weight, interval entirely above 0)."""
     deltas = [v for v in variants if v in DELTA_VARIANTS]
     perplexity, sharpness = [], []
     if "standard" not in variants or not deltas:
@@ -380,7 +381,7 @@ def claims(variants: dict) -> dict:
         a = ATTNRES_COUNTERPART[v]
         if a not in variants:
             sharpness.append({"variant": v, "against": a, "verdict": "not tested", "text": (
-                f"`{v}`: not tested; add `{a}` to --variants (the Attention Residuals variant over the same sources).")})
+                f"`{v}`: not tested; add `{a}` to --variants (the Attention Residuals variant of the same source granularity).")})
             continue
         mine = variants[v]["sharpness"]["deep_max_weight_per_seed"]
         theirs = variants[a]["sharpness"]["deep_max_weight_per_seed"]
@@ -401,13 +402,18 @@ def claims(variants: dict) -> dict:
 
 def _overall(items: list[dict]) -> str:
     verdicts = {item["verdict"] for item in items}
-    if verdicts == {"supports"}:
-        return "supported"
-    if verdicts == {"contradicts"}:
-        return "contradicted"
-    if verdicts <= {"cannot resolve", "not tested"}:
-        return "not tested" if verdicts == {"not tested"} else "not resolved (intervals overlap)"
-    return "mixed: " + ", ".join(sorted(verdicts))
+    tested = verdicts - {"not tested"}
+    if not tested:
+        return "not tested"
+    if tested == {"supports"}:
+        overall = "supported"
+    elif tested == {"contradicts"}:
+        overall = "contradicted"
+    elif tested == {"cannot resolve"}:
+        overall = "not resolved (the intervals include 0)"
+    else:
+        overall = "mixed: " + ", ".join(sorted(tested))
+    return overall + (" (some variants not tested)" if "not tested" in verdicts else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,7 +599,7 @@ def render_markdown(report: dict, figures: dict) -> str:
     lines.append(f"**Claim 1 — lower validation perplexity than standard: {_overall(c['lower_perplexity'])}.**")
     lines += [f"- {item['text']}" for item in c["lower_perplexity"]]
     lines.append("")
-    lines.append(f"**Claim 2 — sharper routing in deep layers than Attention Residuals over the same sources (mean "
+    lines.append(f"**Claim 2 — sharper routing in deep layers than Attention Residuals of the same source granularity (mean "
                  f"max weight ~0.6 vs ~0.2): {_overall(c['sharper_routing'])}.**")
     lines += [f"- {item['text']}" for item in c["sharper_routing"]]
     lines += ["", "A claim is *supported* when the 95% interval of the paired difference lies entirely on its side "

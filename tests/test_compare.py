@@ -79,7 +79,7 @@ def test_claim_verdicts_follow_the_intervals():
     c = compare.claims(variants)
     verdicts = {item["variant"]: item["verdict"] for item in c["lower_perplexity"]}
     assert verdicts == {"delta_block": "supports", "delta": "cannot resolve"}
-    # each Delta variant against the Attention Residuals variant over the same sources
+    # each Delta variant against the Attention Residuals variant of the same source granularity
     sharp = {(item["variant"], item["against"]): item["verdict"] for item in c["sharper_routing"]}
     assert sharp == {("delta_block", "attnres_block"): "supports", ("delta", "attnres_full"): "cannot resolve"}
     assert compare._overall(c["lower_perplexity"]) == "mixed: cannot resolve, supports"
