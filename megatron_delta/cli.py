@@ -13,6 +13,7 @@ COMMANDS = {
     "parity": ("megatron_delta.parity", "compare a parallel mesh against one process"),
     "generate": ("megatron_delta.generate", "text from a checkpoint (Megatron KV cache; greedy or sampled)"),
     "evaluate": ("megatron_delta.evaluate", "loss and perplexity of a checkpoint on an indexed dataset"),
+    "compare": ("megatron_delta.compare", "variants x seeds ablation with intervals, plots and a report"),
 }
 
 

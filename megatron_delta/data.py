@@ -140,6 +140,9 @@ class DataConfig:
         eod_mask_loss: GPTDatasetConfig.eod_mask_loss (no loss on predicting end-of-document).
         create_attention_mask: GPTDatasetConfig.create_attention_mask (False when the attention
             kernel builds its own causal mask).
+        seed: GPTDataset's shuffling seed (the sample order); None: training.seed. Set it to
+            vary the initialisation with training.seed over the same data order (as
+            `megatron-delta compare` does).
     """
 
     blend: list | None = None
@@ -150,6 +153,7 @@ class DataConfig:
     num_workers: int = 0
     eod_mask_loss: bool = False
     create_attention_mask: bool = True
+    seed: int | None = None
 
     def __post_init__(self):
         if self.tokenizer not in TOKENIZERS:

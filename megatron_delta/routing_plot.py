@@ -21,16 +21,48 @@ import sys
 import numpy as np
 
 
-def read_routing_history(metrics_path: str) -> dict[int, dict]:
-    """{step: routing summary} from a metrics.jsonl; a step logged twice (a run resumed from an
-    earlier checkpoint) keeps its later line."""
-    history = {}
+def read_records(metrics_path: str, key: str) -> dict[int, dict]:
+    """{step: record} of the metrics.jsonl records that have a (non-empty) `key`, in step order;
+    a step logged twice (a run resumed from an earlier checkpoint) keeps its later line."""
+    records = {}
     with open(metrics_path, encoding="utf-8") as f:
         for line in f:
             record = json.loads(line)
-            if record.get("routing"):
-                history[record["step"]] = record["routing"]
-    return dict(sorted(history.items()))
+            if record.get(key) not in (None, {}):
+                records[record["step"]] = record
+    return dict(sorted(records.items()))
+
+
+def read_routing_history(metrics_path: str) -> dict[int, dict]:
+    """{step: routing summary} from a metrics.jsonl."""
+    return {step: record["routing"] for step, record in read_records(metrics_path, "routing").items()}
+
+
+def routing_matrix(routing: dict) -> tuple[list[str], np.ndarray]:
+    """(sublayer labels, [sublayer, source] mean routing weights; NaN past a row's sources)."""
+    labels = list(routing)
+    num_sources = max(stats["num_sources"] for stats in routing.values())
+    weights = np.full((len(labels), num_sources), np.nan)
+    for row, label in enumerate(labels):
+        mean_weight = routing[label]["mean_weight"]
+        weights[row, : len(mean_weight)] = mean_weight
+    return labels, weights
+
+
+def draw_heatmap(ax, labels: list[str], weights: np.ndarray, title: str):
+    """One row per sublayer, one column per source, colour (and number) = mean routing weight."""
+    num_sources = weights.shape[1]
+    image = ax.imshow(np.ma.masked_invalid(weights), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    if len(labels) * num_sources <= 400:  # numbers stay legible
+        for (row, col), value in np.ndenumerate(weights):
+            if not math.isnan(value):
+                ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if value > 0.6 else "white")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xticks(range(num_sources), ["emb"] + [str(i) for i in range(1, num_sources)], fontsize=8)
+    ax.set_xlabel("routing source\n(emb = token embeddings, then earlier outputs in depth order)", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    return image
 
 
 def plot_routing(history: dict[int, dict], output: str, title: str = "") -> None:
@@ -50,27 +82,14 @@ def routing_figure(history: dict[int, dict], title: str = ""):
     import matplotlib.pyplot as plt
 
     last_step, last = max(history.items())
-    labels = list(last)  # "layer_00.attention", "layer_00.mlp", ... in depth order
-    num_sources = max(stats["num_sources"] for stats in last.values())
-    weights = np.full((len(labels), num_sources), np.nan)
-    for row, label in enumerate(labels):
-        mean_weight = last[label]["mean_weight"]
-        weights[row, : len(mean_weight)] = mean_weight
+    labels, weights = routing_matrix(last)  # "layer_00.attention", "layer_00.mlp", ... in depth order
+    num_sources = weights.shape[1]
 
     height = max(4.0, 0.28 * len(labels) + 1.5)
     fig, (heat_ax, curve_ax) = plt.subplots(
         1, 2, figsize=(7 + 0.45 * num_sources, height), gridspec_kw={"width_ratios": [max(num_sources, 3), 5]}
     )
-    image = heat_ax.imshow(np.ma.masked_invalid(weights), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-    if len(labels) * num_sources <= 400:  # numbers stay legible
-        for (row, col), value in np.ndenumerate(weights):
-            if not math.isnan(value):
-                heat_ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                             color="black" if value > 0.6 else "white")
-    heat_ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    heat_ax.set_xticks(range(num_sources), ["emb"] + [str(i) for i in range(1, num_sources)], fontsize=8)
-    heat_ax.set_xlabel("routing source\n(emb = token embeddings, then earlier outputs in depth order)", fontsize=8)
-    heat_ax.set_title(f"mean routing weight\nat step {last_step}", fontsize=10)
+    image = draw_heatmap(heat_ax, labels, weights, f"mean routing weight\nat step {last_step}")
     fig.colorbar(image, ax=heat_ax, fraction=0.05, pad=0.02)
 
     steps = list(history)

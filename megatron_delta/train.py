@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import resource
 import signal
 import socket
 import sys
@@ -445,6 +446,17 @@ def parameter_count(model: list) -> tuple[int, int]:
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of the busiest rank: allocated CUDA memory on GPUs, resident set size on CPU."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = torch.tensor([peak], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    return int(peak.item())
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -465,8 +477,9 @@ def _run(cfg: RunConfig, start_from: str | None, weights_only: bool, device: tor
 
     tokenizer = build_tokenizer(cfg.data)
     eval_samples = t.eval_iters * t.global_batch_size
+    data_seed = t.seed if cfg.data.seed is None else cfg.data.seed
     train_set, valid_set, _ = build_datasets(
-        cfg.data, tokenizer, m.seq_length, (t.train_iters * t.global_batch_size, eval_samples, eval_samples), t.seed
+        cfg.data, tokenizer, m.seq_length, (t.train_iters * t.global_batch_size, eval_samples, eval_samples), data_seed
     )
     model = build_model(cfg, config, padded_vocab_size(cfg, tokenizer.vocab_size), on_gpu)
     optimizer, scheduler = build_optimizer(cfg, config, model)
@@ -503,10 +516,17 @@ def _run(cfg: RunConfig, start_from: str | None, weights_only: bool, device: tor
     interval_loss = torch.zeros(2, device=device)
     train_loss = val_loss = None
     routing = {}
+    # Throughput of the training steps alone (no evaluation or checkpoint time), leaving out this
+    # process's first step (warm-up) and the steps that collect routing statistics (a host sync
+    # per router), so that variants compare on equal terms.
+    timed_seconds, timed_steps = 0.0, 0
     while iteration < t.train_iters:
         log_now = (iteration + 1) % cfg.logging.log_interval == 0 or iteration + 1 == t.train_iters
+        step_start = time.time()
         batches = [next(train_batches) for _ in range(get_num_microbatches())]
         loss, grad_norm, step_routing = trainer.train_step(batches, collect_routing=log_now)
+        if iteration > start_iteration and not log_now:
+            timed_seconds, timed_steps = timed_seconds + time.time() - step_start, timed_steps + 1
         iteration += 1
         consumed += t.global_batch_size
         interval_loss += loss
@@ -558,6 +578,11 @@ def _run(cfg: RunConfig, start_from: str | None, weights_only: bool, device: tor
     log.record(iteration, {"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
     if cfg.checkpoint.save_on_exit and (path := checkpointer.save(iteration, consumed)):
         log.print(f"saved {path}")
+    # The last record of a finished run (what `megatron-delta compare` reads).
+    run_summary = {"params": params, "routing_params": router_params, "peak_memory_bytes": peak_memory_bytes(device)}
+    if timed_steps:
+        run_summary["train_tokens_per_s"] = timed_steps * tokens_per_step / timed_seconds
+    log.record(iteration, run_summary)
     summary = f"done: {iteration} steps in {_clock(time.time() - start)}"
     if train_loss is not None:
         summary += f" | train loss {train_loss:.4f}"
