@@ -31,7 +31,7 @@ setup(
         # six, pybind11: Megatron-LM's own requirements (tokenizers, its dataset-helper build) for
         # tests/test_megatron_lm.py with MEGATRON_LM_PATH set; lm_eval: lm-evaluation-harness on an
         # exported directory (tests/test_generate.py).
-        "test": ["pytest", "transformers", "triton", "six", "pybind11", "lm_eval"],
+        "test": ["pytest", "transformers", "triton", "six", "pybind11", "lm_eval[hf]"],
         # Transformer Engine for the TE spec and FP8. NVIDIA Apex is NOT on PyPI
         # (the PyPI package named `apex` is unrelated): build it from NVIDIA's source.
         "te": ["transformer-engine[pytorch]"],
