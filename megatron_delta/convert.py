@@ -875,7 +875,7 @@ def main(argv=None) -> int:
             print(f"wrote {args.output}: {', '.join(written)}")
     except (ConvertError, RunConfigError, OSError, CheckpointError) as e:
         print(f"megatron-delta convert: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

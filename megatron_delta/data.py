@@ -21,8 +21,9 @@ checks that keep bad input from failing late (or, for an empty split, from hangi
     A .txt file that is not UTF-8 is an error naming the line: a wrong encoding affects the whole file.
     Output appears all at once or not at all: it is written under temporary names that are renamed
     only after the last document, and removed on any error or interrupt.
-    Exit status: 0 written (skipped lines, if any, are counted on stderr); 1 nothing written (the
-    reason on stderr: unreadable input, no documents left, tokenizer problem); 2 bad command line;
+    Exit status: 0 written (skipped lines, if any, are counted on stderr); 2 bad input, nothing
+    written (the reason on stderr: unreadable input, no documents left, tokenizer problem, bad
+    command line);
     130 / 143 interrupted by SIGINT / SIGTERM (temporary files removed; those of a killed run, left
     as PREFIX.tmp-HOST-PID.*, are removed by the next preprocess to the same prefix).
 
@@ -436,8 +437,8 @@ def main(argv=None) -> int:
         prog="megatron-delta preprocess",
         description="Tokenize text (*.txt: one document per blank-line-separated paragraph) or JSON lines "
         "(*.jsonl) into a Megatron indexed dataset PREFIX.bin/PREFIX.idx.",
-        epilog="exit status: 0 written (skipped JSONL lines are counted on stderr), 1 nothing written, "
-        "2 bad command line, 130/143 interrupted by SIGINT/SIGTERM (temporary files removed)",
+        epilog="exit status: 0 written (skipped JSONL lines are counted on stderr), 2 bad input or command "
+        "line (nothing written), 130/143 interrupted by SIGINT/SIGTERM (temporary files removed)",
     )
     parser.add_argument("--input", required=True, help="*.txt or *.jsonl file")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
@@ -466,7 +467,7 @@ def main(argv=None) -> int:
         )
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2
     except (Terminated, KeyboardInterrupt) as stop:
         print(f"interrupted: nothing written to {args.output_prefix}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)

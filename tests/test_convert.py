@@ -355,7 +355,7 @@ def edited_copy(source: str, tmp_path, **changes) -> str:
 def test_bad_input_fails_early_with_one_line(hf_models, tmp_path, capsys, changes, args, message):
     hf_dir = edited_copy(hf_models["qwen3"], tmp_path, **changes)
     output = str(tmp_path / "out")
-    assert convert.main(["import", "--hf-dir", hf_dir, "--output", output, *args]) == 1
+    assert convert.main(["import", "--hf-dir", hf_dir, "--output", output, *args]) == 2
     stderr = capsys.readouterr().err.splitlines()
     errors = [line for line in stderr if line.startswith("megatron-delta convert: error:")]
     assert len(errors) == 1 and message in errors[0], errors

@@ -126,7 +126,7 @@ def test_jsonl_bad_lines_are_counted_and_skipped(tmp_path, byte_tokenizer, capsy
 def test_text_file_with_invalid_utf8_is_an_error_naming_the_line(tmp_path, capsys):
     source = tmp_path / "latin1.txt"
     write_lines(source, [b"good paragraph", b"", b"caf\xe9 au lait"])
-    assert data.main(["--input", str(source), "--output-prefix", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert data.main(["--input", str(source), "--output-prefix", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "latin1.txt:3: not valid UTF-8 (byte 0xe9 at column 4)" in err
     assert files_in(tmp_path) == ["latin1.txt"]
@@ -138,7 +138,7 @@ def test_text_file_with_invalid_utf8_is_an_error_naming_the_line(tmp_path, capsy
 )
 def test_no_documents_is_an_error_and_writes_nothing(tmp_path, capsys, name, content):
     (tmp_path / name).write_bytes(content)
-    assert data.main(["--input", str(tmp_path / name), "--output-prefix", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert data.main(["--input", str(tmp_path / name), "--output-prefix", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "no documents, nothing written" in capsys.readouterr().err
     assert files_in(tmp_path) == [name]
 
@@ -153,7 +153,7 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
         (["--input", str(tmp_path / "a.txt"), "--output-prefix", "o", "--tokenizer", "huggingface"], "tokenizer path"),
     ]
     for argv, message in cases:
-        assert data.main(argv) == 1
+        assert data.main(argv) == 2
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit) as usage_error:
         data.main(["--input", str(tmp_path / "a.txt")])  # --output-prefix missing
