@@ -227,6 +227,22 @@ def test_planted_metadata_is_refused_by_the_trainer(planted, data_dir, tmp_path)
     assert "Traceback" not in err and not os.path.exists(marker)
 
 
+@pytest.mark.parametrize("command", [
+    ["convert", "export", "--checkpoint", "{checkpoint}", "--output", "{out}"],
+    ["generate", "--checkpoint", "{checkpoint}", "--prompt", "def ", "--max-new-tokens", "2"],
+    ["evaluate", "--checkpoint", "{checkpoint}", "--data-prefix", "{out}"],
+], ids=lambda command: command[0])
+def test_planted_metadata_is_refused_by_every_command_that_reads_checkpoints(planted, tmp_path, command):
+    checkpoint, marker = planted
+    plant_metadata(checkpoint, marker)
+    argv = [arg.format(checkpoint=checkpoint, out=str(tmp_path / "out")) for arg in command]
+    result = subprocess.run([sys.executable, "-m", "megatron_delta.cli", *argv], cwd=REPO, env=_env(),
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"refused to load {checkpoint}: it contains pickled data that needs posix.system" in result.stderr
+    assert "Traceback" not in result.stderr and not os.path.exists(marker)
+
+
 def test_safe_reader_refuses_planted_pickles(planted, saved_run, single_process_world):
     from megatron.core.dist_checkpointing import ShardedObject
 
