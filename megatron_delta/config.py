@@ -107,6 +107,7 @@ class DeltaResidualConfig:
         """Check this routing config against a Megatron TransformerConfig; one clear line per
         problem, naming the field and the fix."""
         cfg = transformer_config
+        _validate_moe(cfg)
         if not self.routed:
             return
         num_layers = cfg.num_layers
@@ -148,7 +149,6 @@ class DeltaResidualConfig:
             )
         unsupported = {
             "mtp_num_layers": "multi-token prediction (MTP)",
-            "num_moe_experts": "mixture-of-experts layers",
             "multi_latent_attention": "multi-latent attention",
             "heterogeneous_block_specs": "heterogeneous layer specs",
             "cpu_offloading": "CPU activation offloading",
@@ -177,3 +177,24 @@ class DeltaResidualConfig:
             raise DeltaConfigError(
                 "recompute_granularity='full' needs recompute_method 'uniform' or 'block'"
             )
+
+
+# The token dispatchers of megatron-core's MoE layer and the GPU libraries they need.
+MOE_DISPATCHERS = ("allgather", "alltoall")
+
+
+def _validate_moe(cfg) -> None:
+    """What Megatron's MoE layer cannot do here, for every variant (standard included: these fail
+    inside Megatron's MoE layer, not in the routing)."""
+    if not getattr(cfg, "num_moe_experts", None):
+        return
+    if cfg.add_bias_linear:
+        raise DeltaConfigError(
+            "add_bias_linear=True with num_moe_experts: Megatron's expert MLP cannot train linear biases "
+            "(in-place update of a view in backward); set add_bias_linear=False (MoE models are bias-free)"
+        )
+    if cfg.moe_token_dispatcher_type not in MOE_DISPATCHERS:
+        raise DeltaConfigError(
+            f"moe_token_dispatcher_type={cfg.moe_token_dispatcher_type!r} needs DeepEP / HybridEP "
+            f"(GPU-only libraries) and is not supported by megatron-delta; use one of {', '.join(MOE_DISPATCHERS)}"
+        )

@@ -20,6 +20,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.quantization.utils import get_quant_config_or_none
 from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
@@ -93,6 +94,28 @@ def get_gpt_delta_layer_spec(delta: DeltaResidualConfig, backend: str = "local",
         spec = _with_local_norms(get_gpt_layer_local_spec(**spec_kwargs))
     else:
         raise DeltaConfigError(f"backend={backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+    return _routed(delta, spec)
+
+
+def get_gpt_delta_decoder_block_spec(delta: DeltaResidualConfig, config, backend: str = "local",
+                                     normalization=None, qk_l2_norm: bool = False, vp_stage=None, pp_rank=None):
+    """Megatron's GPT decoder block spec (`get_gpt_decoder_block_spec`: one layer spec per layer of
+    this pipeline stage / virtual stage, dense or MoE as `config.moe_layer_freq` says), with every
+    layer routed as `delta` says. Needed for MoE models whose layers differ (dense first layers);
+    pass the result to DeltaGPTModel as `transformer_layer_spec`."""
+    if backend not in BACKENDS:
+        raise DeltaConfigError(f"backend={backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+    if backend == "transformer_engine":
+        require_transformer_engine("backend='transformer_engine'")
+    local = backend == "local"
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=not local, normalization=normalization,
+                                       qk_l2_norm=qk_l2_norm, vp_stage=vp_stage, pp_rank=pp_rank)
+    layer_specs = [_routed(delta, _with_local_norms(spec) if local else spec) for spec in block.layer_specs]
+    return dataclasses.replace(block, layer_specs=layer_specs, layer_norm=LocalNorm if local else block.layer_norm)
+
+
+def _routed(delta: DeltaResidualConfig, spec):
+    """A Megatron layer spec with the layer class swapped for the routed layer."""
     if not delta.routed:
         return spec
     return dataclasses.replace(spec, module=DeltaTransformerLayer, params={**spec.params, "delta": delta})
