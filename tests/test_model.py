@@ -13,6 +13,7 @@ from megatron_delta import (
     DeltaGPTModel,
     DeltaResidualConfig,
     collect_routing_stats,
+    get_gpt_delta_decoder_block_spec,
     get_gpt_delta_layer_spec,
 )
 from megatron_delta import kernels
@@ -218,6 +219,98 @@ def test_standard_variant_is_bit_identical_to_gpt_model():
         assert torch.equal(p1.grad, p2.grad)
 
 
+# ---------------------------------------------------------------- mixture of experts
+
+def moe_config(**overrides):
+    """A dense first layer, then MoE layers (4 experts, top-2, a shared expert), aux loss on."""
+    return transformer_config(**{
+        **dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_layer_freq=[0, 1, 1, 1],
+               moe_shared_expert_intermediate_size=32, moe_aux_loss_coeff=1e-2),
+        **overrides,
+    })
+
+
+def build_moe(delta, config, seed=0, megatron_spec=False):
+    """DeltaGPTModel on get_gpt_delta_decoder_block_spec, or (megatron_spec) Megatron's GPTModel
+    on Megatron's own get_gpt_decoder_block_spec."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    kwargs = dict(config=config, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope")
+    if megatron_spec:
+        return GPTModel(transformer_layer_spec=get_gpt_decoder_block_spec(config, use_transformer_engine=False),
+                        **kwargs).to(DEVICE)
+    spec = get_gpt_delta_decoder_block_spec(delta, config)
+    return DeltaGPTModel(delta=delta, transformer_layer_spec=spec, **kwargs).to(DEVICE)
+
+
+def test_standard_moe_is_bit_identical_to_megatron_moe_gpt_model():
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    tokens, position_ids = batch()
+    config = moe_config()
+    ours = build_moe(DeltaResidualConfig(variant="standard"), config)
+    plain = build_moe(None, config, megatron_spec=True)
+    assert [type(layer.mlp) is MoELayer for layer in ours.decoder.layers] == [False, True, True, True]
+    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), plain.named_parameters(), strict=True):
+        assert n1 == n2 and torch.equal(p1, p2)
+    out_ours = ours(tokens, position_ids, None, labels=tokens)
+    out_plain = plain(tokens, position_ids, None, labels=tokens)
+    assert torch.equal(out_ours, out_plain)
+    out_ours.sum().backward()
+    out_plain.sum().backward()
+    for (name, p1), p2 in zip(ours.named_parameters(), plain.parameters()):
+        assert torch.equal(p1.grad, p2.grad), name
+
+
+@pytest.mark.parametrize("variant", ["delta", "delta_block", "attnres_block", "attnres_full"])
+def test_routed_moe_model_routing_params_and_aux_loss(variant):
+    """Routed MoE models keep 4 x hidden routing parameters per layer (+ the Kimi final router),
+    and the router's load-balancing loss reaches the router weights through the routed layer:
+    its gradient contribution is linear in moe_aux_loss_coeff, and it is recorded for the MoE
+    layers only."""
+    from megatron_delta import compat
+
+    delta = DeltaResidualConfig(variant=variant, num_blocks=2)
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    standard = build_moe(DeltaResidualConfig(variant="standard"), moe_config())
+    tokens, position_ids = batch()
+    router_grads = {}
+    for coeff in (0.0, 1e-2, 2e-2):
+        model = build_moe(delta, moe_config(moe_aux_loss_coeff=coeff))
+        compat.clear_moe_aux_losses()
+        model(tokens, position_ids, None, labels=tokens).mean().backward()
+        router_grads[coeff] = model.decoder.layers[2].mlp.router.weight.grad.clone()
+    hidden, layers = 64, 4
+    final = 0 if delta.additive else 2 * hidden
+    assert count(model) - count(standard) == 4 * hidden * layers + final
+    aux = compat.moe_aux_losses(["load_balancing_loss"], layers)["load_balancing_loss"]
+    assert aux[0] == 0 and (aux[1:] > 0).all()  # the dense first layer has no router
+    step1, step2 = router_grads[1e-2] - router_grads[0.0], router_grads[2e-2] - router_grads[0.0]
+    assert step1.abs().max() > 1e-4 * router_grads[0.0].abs().max()
+    torch.testing.assert_close(step2, 2 * step1, rtol=1e-4, atol=1e-9)
+    compat.clear_moe_aux_losses()
+
+
+def test_expert_bias_load_balancing_updates_through_the_routed_layer():
+    """Aux-loss-free balancing: the router counts tokens per expert in forward, and Megatron's
+    finalize step moves the expert bias towards the under-loaded experts."""
+    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+
+    config = moe_config(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid",
+                        moe_aux_loss_coeff=0.0, moe_router_bias_update_rate=1e-2)
+    model = build_moe(DeltaResidualConfig(variant="delta_block", num_blocks=2), config)
+    tokens, position_ids = batch()
+    model(tokens, position_ids, None, labels=tokens).mean().backward()
+    router = model.decoder.layers[1].mlp.router
+    load = router.local_tokens_per_expert.clone()
+    assert load.sum() == BATCH * SEQ * 2  # every token sent to top-2 experts
+    _update_router_expert_bias([model], config)
+    bias = router.expert_bias
+    assert torch.equal(torch.sign(bias), torch.sign(load.mean() - load))  # sign(mean - load) x rate
+
+
 @pytest.mark.parametrize("variant", ["delta", "delta_block"])
 def test_identity_init_equals_standard_model_and_routing_learns(variant):
     tokens, position_ids = batch()
@@ -318,7 +411,10 @@ def test_fused_kernels_in_the_model_match_the_reference_path(variant, expected_c
      "model.num_layers=4 is not divisible by pipeline stages x virtual stages = 3 x 1"),
     (dict(variant="delta"), dict(mtp_num_layers=1), "mtp_num_layers is set: multi-token prediction"),
     (dict(variant="delta_block"), dict(context_parallel_size=2), "context_parallel_size=2: context parallelism"),
-    (dict(variant="delta"), dict(num_moe_experts=2), "num_moe_experts is set"),
+    (dict(variant="delta"), dict(num_moe_experts=2, add_bias_linear=True),
+     "add_bias_linear=True with num_moe_experts"),
+    (dict(variant="standard"), dict(num_moe_experts=2, moe_token_dispatcher_type="flex"),
+     "moe_token_dispatcher_type='flex' needs DeepEP / HybridEP"),
     (dict(variant="delta"), dict(cuda_graph_impl="local"), "cuda_graph_impl is set"),
     (dict(variant="delta"), dict(recompute_granularity="selective", recompute_modules=["layernorm"]),
      "recompute_modules=['layernorm'] is not supported"),
