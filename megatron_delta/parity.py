@@ -528,7 +528,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     parser.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved 1F1B)")
-    parser.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
+    parser.add_argument("--sp", action="store_true",
+                        help="sequence parallelism (needs --tp > 1; implied by --tp > 1 with --ep > 1, as Megatron requires)")
     parser.add_argument("--dist-opt", action="store_true", help="Megatron's distributed optimizer")
     parser.add_argument("--recompute", choices=("none", "full", "selective"), default="none")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (needs --num-experts)")
@@ -573,7 +574,8 @@ def main(argv=None) -> int:
         backend = "gloo"
     torch.distributed.init_process_group(backend)
     try:
-        mesh = Mesh(tp=args.tp, pp=args.pp, vpp=args.vpp, sp=args.sp, dist_opt=args.dist_opt,
+        mesh = Mesh(tp=args.tp, pp=args.pp, vpp=args.vpp, sp=args.sp or (args.tp > 1 and args.ep > 1),
+                    dist_opt=args.dist_opt,
                     recompute=args.recompute, ep=args.ep, etp=args.etp)
         problem = Problem(variant=args.variant, num_blocks=args.num_blocks, layers=args.layers,
                           hidden=args.hidden, heads=args.heads, seq=args.seq, micro_batch=args.micro_batch,

@@ -371,6 +371,9 @@ def _validate(cfg: RunConfig, world_size: int) -> None:
         check(m.num_moe_experts % ep == 0,
               f"model.num_moe_experts={m.num_moe_experts} is not divisible by "
               f"parallel.expert_model_parallel_size={ep}")
+        check(ep == 1 or tp == 1 or p.sequence_parallel,
+              "parallel.expert_model_parallel_size > 1 with tensor_model_parallel_size > 1 needs "
+              "parallel.sequence_parallel=true (Megatron's MoE layers require it)")
         check((world_size // pp) % (ep * etp) == 0,
               f"parallel: expert_model_parallel_size x expert_tensor_parallel_size = {ep} x {etp} does not divide "
               f"the {world_size // pp} ranks of a pipeline stage")
