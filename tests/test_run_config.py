@@ -169,7 +169,7 @@ def test_moe_fields_reach_megatron_under_their_names():
      "num_moe_experts=4 is not divisible"),
     (["parallel.expert_model_parallel_size=2", "training.micro_batch_size=1", "training.global_batch_size=12"], 3,
      "does not divide the 3 ranks"),
-    (["parallel.expert_model_parallel_size=2", "parallel.tensor_model_parallel_size=2"], 4, "sequence parallel"),
+    (["parallel.expert_model_parallel_size=2", "parallel.tensor_model_parallel_size=2"], 4, "sequence_parallel=true"),
     (["model.add_bias_linear=true"], 1, "add_bias_linear=True with num_moe_experts"),
     (["parallel.moe_token_dispatcher_type=flex"], 1, "moe_token_dispatcher_type='flex' needs DeepEP"),
 ])
