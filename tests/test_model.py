@@ -204,19 +204,23 @@ def test_router_parameters_live_in_layers_and_final_router_only_for_replacement(
 
 # ---------------------------------------------------------------- identity and standard
 
-def test_standard_variant_is_bit_identical_to_gpt_model():
+def assert_bit_identical(ours, plain):
+    """Same parameter names and values, same loss, same gradients, bit for bit."""
     tokens, position_ids = batch()
-    delta = DeltaResidualConfig(variant="standard")
-    ours, plain = build(delta), build(delta, cls=GPTModel)
-    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), plain.named_parameters()):
+    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), plain.named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)
     out_ours = ours(tokens, position_ids, None, labels=tokens)
     out_plain = plain(tokens, position_ids, None, labels=tokens)
     assert torch.equal(out_ours, out_plain)
     out_ours.sum().backward()
     out_plain.sum().backward()
-    for p1, p2 in zip(ours.parameters(), plain.parameters()):
-        assert torch.equal(p1.grad, p2.grad)
+    for (name, p1), p2 in zip(ours.named_parameters(), plain.parameters()):
+        assert torch.equal(p1.grad, p2.grad), name
+
+
+def test_standard_variant_is_bit_identical_to_gpt_model():
+    delta = DeltaResidualConfig(variant="standard")
+    assert_bit_identical(build(delta), build(delta, cls=GPTModel))
 
 
 # ---------------------------------------------------------------- mixture of experts
@@ -248,20 +252,10 @@ def build_moe(delta, config, seed=0, megatron_spec=False):
 def test_standard_moe_is_bit_identical_to_megatron_moe_gpt_model():
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
-    tokens, position_ids = batch()
     config = moe_config()
     ours = build_moe(DeltaResidualConfig(variant="standard"), config)
-    plain = build_moe(None, config, megatron_spec=True)
     assert [type(layer.mlp) is MoELayer for layer in ours.decoder.layers] == [False, True, True, True]
-    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), plain.named_parameters(), strict=True):
-        assert n1 == n2 and torch.equal(p1, p2)
-    out_ours = ours(tokens, position_ids, None, labels=tokens)
-    out_plain = plain(tokens, position_ids, None, labels=tokens)
-    assert torch.equal(out_ours, out_plain)
-    out_ours.sum().backward()
-    out_plain.sum().backward()
-    for (name, p1), p2 in zip(ours.named_parameters(), plain.parameters()):
-        assert torch.equal(p1.grad, p2.grad), name
+    assert_bit_identical(ours, build_moe(None, config, megatron_spec=True))
 
 
 @pytest.mark.parametrize("variant", ["delta", "delta_block", "attnres_block", "attnres_full"])
