@@ -142,13 +142,18 @@ class DeltaResidualConfig:
                 f"model.num_layers={num_layers} is not divisible by pipeline stages x virtual stages "
                 f"= {pp} x {vpp}; choose a layer count that is"
             )
+        if getattr(cfg, "mtp_num_layers", None) and pp > 1:
+            raise DeltaConfigError(
+                f"mtp_num_layers={cfg.mtp_num_layers} with pipeline_model_parallel_size={pp}: multi-token "
+                "prediction on a routed decoder is verified without pipeline parallelism only; use 1 stage "
+                "or unset mtp_num_layers"
+            )
         if cfg.context_parallel_size > 1:
             raise DeltaConfigError(
                 f"context_parallel_size={cfg.context_parallel_size}: context parallelism does not compose "
                 "with delta routing in this version (the pipeline pack would be split across CP ranks); use 1"
             )
         unsupported = {
-            "mtp_num_layers": "multi-token prediction (MTP)",
             "multi_latent_attention": "multi-latent attention",
             "heterogeneous_block_specs": "heterogeneous layer specs",
             "cpu_offloading": "CPU activation offloading",

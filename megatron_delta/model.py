@@ -150,9 +150,6 @@ class DeltaGPTModel(GPTModel):
         delta.validate_for(config)
         if config.fp8:
             require_transformer_engine(f"fp8={config.fp8!r}")
-        if gpt_kwargs.get("mtp_block_spec") is not None and delta.routed:
-            raise DeltaConfigError("mtp_block_spec is set: multi-token prediction does not compose with "
-                                   "delta routing in this version; leave it None")
         block_spec = self._block_spec(config, transformer_layer_spec, vp_stage, pg_collection)
         layer_class = block_spec.layer_specs[0].module if block_spec.layer_specs else None
         if delta.routed and layer_class is not None and not issubclass(layer_class, DeltaTransformerLayer):

@@ -35,6 +35,7 @@ from megatron_delta import (
     DeltaGPTModel,
     DeltaResidualConfig,
     get_gpt_delta_decoder_block_spec,
+    get_gpt_delta_layer_spec,
     link_virtual_stages,
     pipeline_seq_length,
 )
@@ -93,6 +94,7 @@ class Problem:
     num_experts: int | None = None  # MoE layers (every layer) with this many experts; None: dense
     moe_topk: int = 2
     dispatcher: str = "allgather"  # MoE token dispatcher: allgather | alltoall
+    mtp: int | None = None  # multi-token prediction layers (their loss reaches the gradients compared)
 
 
 @dataclasses.dataclass
@@ -179,6 +181,7 @@ def _transformer_config(problem: Problem, mesh: Mesh):
         # gloo pairs batched isend/irecv in posting order: with PP2 x VPP2 (prev == next rank)
         # activations and gradients of one shape get swapped silently.
         batch_p2p_comm=False,
+        mtp_num_layers=problem.mtp,
         **recompute,
         **moe,
     )
@@ -186,6 +189,13 @@ def _transformer_config(problem: Problem, mesh: Mesh):
 
 def _build_chunk(problem: Problem, config, delta: DeltaResidualConfig, vp_stage):
     from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    # MTP layers are Megatron's plain layers (they route over nothing); on the last stage only.
+    mtp_spec = problem.mtp and get_gpt_mtp_block_spec(
+        config, get_gpt_delta_layer_spec(DeltaResidualConfig("standard")), use_transformer_engine=False,
+        vp_stage=vp_stage,
+    )
 
     return DeltaGPTModel(
         config=config,
@@ -198,6 +208,7 @@ def _build_chunk(problem: Problem, config, delta: DeltaResidualConfig, vp_stage)
         share_embeddings_and_output_weights=True,
         position_embedding_type="rope",
         vp_stage=vp_stage,
+        mtp_block_spec=mtp_spec or None,
     )
 
 
@@ -363,6 +374,10 @@ def _run_reference(problem: Problem, delta: DeltaResidualConfig, device):
         from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
 
         MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device) / len(microbatches))
+    if problem.mtp:
+        from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+        MTPLossAutoScaler.set_loss_scale(torch.ones(1, device=device) / len(microbatches))
     losses = []
     for iteration in range(problem.steps):
         model.zero_grad()
@@ -538,6 +553,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--moe-topk", type=int, default=defaults.moe_topk, help="experts per token")
     parser.add_argument("--dispatcher", choices=MOE_DISPATCHERS, default=defaults.dispatcher,
                         help="MoE token dispatcher")
+    parser.add_argument("--mtp", type=int, default=None,
+                        help="multi-token prediction layers (their loss is in the compared gradients)")
     parser.add_argument("--variant", choices=VARIANTS, default=defaults.variant)
     parser.add_argument("--num-blocks", type=int, default=defaults.num_blocks, help="blocks of the block variants")
     parser.add_argument("--layers", type=int, default=defaults.layers)
@@ -580,7 +597,8 @@ def main(argv=None) -> int:
         problem = Problem(variant=args.variant, num_blocks=args.num_blocks, layers=args.layers,
                           hidden=args.hidden, heads=args.heads, seq=args.seq, micro_batch=args.micro_batch,
                           global_batch=args.global_batch, steps=args.steps, seed=args.seed,
-                          num_experts=args.num_experts, moe_topk=args.moe_topk, dispatcher=args.dispatcher)
+                          num_experts=args.num_experts, moe_topk=args.moe_topk, dispatcher=args.dispatcher,
+                          mtp=args.mtp)
         try:
             report = run_parity(mesh, problem, args.tolerance)
         except ValueError as error:  # a layout that cannot run; raised identically on every rank

@@ -305,6 +305,35 @@ def test_expert_bias_load_balancing_updates_through_the_routed_layer():
     assert torch.equal(torch.sign(bias), torch.sign(load.mean() - load))  # sign(mean - load) x rate
 
 
+@pytest.mark.parametrize("variant", ["delta_block", "attnres_full"])
+def test_multi_token_prediction_on_a_routed_decoder(variant):
+    """Megatron's MTP block on a routed decoder: its layers are plain TransformerLayers reading the
+    decoder's final hidden state (Megatron's get_gpt_mtp_block_spec accepts only plain layer
+    specs), and its loss trains them and reaches the routing."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    delta = DeltaResidualConfig(variant=variant, num_blocks=2)
+    config = transformer_config(mtp_num_layers=1, mtp_loss_scaling_factor=0.5)
+    plain_layer = get_gpt_delta_layer_spec(DeltaResidualConfig(variant="standard"), normalization="RMSNorm")
+
+    def model(mtp_layer_spec):
+        torch.manual_seed(0)
+        model_parallel_cuda_manual_seed(0)
+        return DeltaGPTModel(config=config, delta=delta, transformer_layer_spec=get_gpt_delta_decoder_block_spec(
+            delta, config, normalization="RMSNorm"), vocab_size=VOCAB, max_sequence_length=SEQ,
+            position_embedding_type="rope",
+            mtp_block_spec=get_gpt_mtp_block_spec(config, mtp_layer_spec, use_transformer_engine=False)).to(DEVICE)
+
+    with_mtp = model(plain_layer)
+    assert type(with_mtp.mtp.layers[0].transformer_layer) is TransformerLayer
+    tokens, position_ids = batch()
+    with_mtp(tokens, position_ids, None, labels=tokens).mean().backward()
+    grads = {n: p.grad.abs().max().item() for n, p in with_mtp.named_parameters()}
+    assert all(grads[n] > 0 for n in grads if n.startswith("mtp.layers.0.transformer_layer."))
+    assert grads["decoder.layers.3.mlp_router.query"] > 0
+
+
 @pytest.mark.parametrize("variant", ["delta", "delta_block"])
 def test_identity_init_equals_standard_model_and_routing_learns(variant):
     tokens, position_ids = batch()
@@ -403,7 +432,8 @@ def test_fused_kernels_in_the_model_match_the_reference_path(variant, expected_c
     (dict(variant="delta", init="zero"), {}, "delta.init='zero' is unknown"),
     (dict(variant="delta"), dict(pipeline_model_parallel_size=3, pipeline_dtype=torch.float32),
      "model.num_layers=4 is not divisible by pipeline stages x virtual stages = 3 x 1"),
-    (dict(variant="delta"), dict(mtp_num_layers=1), "mtp_num_layers is set: multi-token prediction"),
+    (dict(variant="delta"), dict(mtp_num_layers=1, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32),
+     "mtp_num_layers=1 with pipeline_model_parallel_size=2"),
     (dict(variant="delta_block"), dict(context_parallel_size=2), "context_parallel_size=2: context parallelism"),
     (dict(variant="delta"), dict(num_moe_experts=2, add_bias_linear=True),
      "add_bias_linear=True with num_moe_experts"),
