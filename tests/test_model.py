@@ -326,11 +326,13 @@ def test_multi_token_prediction_on_a_routed_decoder(variant):
             mtp_block_spec=get_gpt_mtp_block_spec(config, mtp_layer_spec, use_transformer_engine=False)).to(DEVICE)
 
     with_mtp = model(plain_layer)
-    assert type(with_mtp.mtp.layers[0].transformer_layer) is TransformerLayer
+    # (0.16 calls the MTP layer's transformer layer `transformer_layer`, 0.19 `mtp_model_layer`.)
+    assert [type(m) for m in with_mtp.mtp.modules() if isinstance(m, TransformerLayer)] == [TransformerLayer]
     tokens, position_ids = batch()
     with_mtp(tokens, position_ids, None, labels=tokens).mean().backward()
     grads = {n: p.grad.abs().max().item() for n, p in with_mtp.named_parameters()}
-    assert all(grads[n] > 0 for n in grads if n.startswith("mtp.layers.0.transformer_layer."))
+    mtp_layer = [n for n in grads if n.startswith("mtp.layers.0.") and (".self_attention." in n or ".mlp." in n)]
+    assert len(mtp_layer) == 4 and all(grads[n] > 0 for n in mtp_layer)
     assert grads["decoder.layers.3.mlp_router.query"] > 0
 
 
