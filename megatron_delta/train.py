@@ -63,8 +63,8 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import unwrap_model
 
 from megatron_delta import collect_routing_stats, link_virtual_stages, pipeline_seq_length
-from megatron_delta.moe import MoEMonitor
 from megatron_delta.data import DataError, build_datasets, build_tokenizer
+from megatron_delta.moe import MoEMonitor
 from megatron_delta.run_config import (
     RunConfig,
     RunConfigError,
