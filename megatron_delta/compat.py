@@ -17,6 +17,9 @@ What changed between those releases that touches megatron-delta, and where it is
     0.19  get_tensor_shapes returns [()] under variable_seq_lengths: the pipeline transport never
           sets it (it packs along the sequence dimension and hands the schedule a longer
           seq_length instead).
+    0.17  the MoE aux-loss tracker moves to moe_logging.MoEMetricsTracker (0.16: a dict in
+          moe_utils); megatron-core 0.16 also references TE's te_general_gemm without TE (cpu_shim
+          defines it): moe_aux_losses() / clear_moe_aux_losses().
     0.17  the tokenizers' detokenize keeps special tokens (0.18: unless told otherwise): detokenize().
     0.19  Megatron-LM's pretrain() takes a config container instead of a model provider:
           megatron_delta.megatron_lm (Megatron-LM's training code is not part of megatron-core).
@@ -24,6 +27,7 @@ What changed between those releases that touches megatron-delta, and where it is
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 
 from megatron.core import package_info
@@ -62,3 +66,45 @@ def detokenize(tokenizer, ids) -> str:
         if "remove_special_tokens" in inspect.signature(library.ids_to_text).parameters:
             return library.ids_to_text(ids, remove_special_tokens=True)
     return tokenizer.detokenize(ids)
+
+
+# The aux-loss tracker's home from megatron-core 0.17 (0.16: a plain dict in moe_utils).
+_HAS_MOE_METRICS_TRACKER = importlib.util.find_spec("megatron.core.transformer.moe.moe_logging") is not None
+
+
+def moe_aux_losses(names, num_layers: int) -> dict:
+    """{name: per-layer values} of the MoE auxiliary losses `names` ("load_balancing_loss",
+    "z_loss", ...) recorded since the last clear_moe_aux_losses(): Megatron records each without
+    its coefficient, summed over micro-batches; reduced over pipeline / tensor / data-parallel
+    ranks the way Megatron's own logging reduces them. `num_layers`: decoder + MTP layers (a
+    stage without MoE layers contributes zeros). Collective over the model-parallel world."""
+    if _HAS_MOE_METRICS_TRACKER:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        tracker = get_moe_metrics_tracker()
+        for name in names:
+            tracker.ensure_initialized(name, num_layers)
+        tracker._sync_metrics(list(names))  # what its report() does before aggregating
+        return {name: tracker.metrics[name].values for name in names}
+    import torch
+    from megatron.core.transformer.moe import moe_utils
+
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+    for name in names:  # what its track_moe_metrics(force_initialize=True) does
+        tracker.setdefault(name, {"values": torch.zeros(num_layers, device=torch.cuda.current_device()),
+                                  "reduce_group": None, "avg_group": None})
+    moe_utils.reduce_aux_losses_tracker_across_ranks(list(names))
+    return {name: tracker[name]["values"] for name in names}
+
+
+def clear_moe_aux_losses() -> None:
+    """Forget everything the MoE aux-loss tracker recorded (after each training step; entries are
+    recreated at the next record, sized for the model that records them)."""
+    if _HAS_MOE_METRICS_TRACKER:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        get_moe_metrics_tracker().metrics.clear()
+        return
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.get_moe_layer_wise_logging_tracker().clear()

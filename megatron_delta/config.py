@@ -107,6 +107,7 @@ class DeltaResidualConfig:
         """Check this routing config against a Megatron TransformerConfig; one clear line per
         problem, naming the field and the fix."""
         cfg = transformer_config
+        _validate_moe(cfg)
         if not self.routed:
             return
         num_layers = cfg.num_layers
@@ -137,14 +138,18 @@ class DeltaResidualConfig:
             if getattr(cfg, field, False):
                 raise DeltaConfigError(f"{field}=True is not supported with delta routing; set it False")
         check_pipeline_split(num_layers, pp, vpp)
+        if getattr(cfg, "mtp_num_layers", None) and pp > 1:
+            raise DeltaConfigError(
+                f"mtp_num_layers={cfg.mtp_num_layers} with pipeline_model_parallel_size={pp}: multi-token "
+                "prediction on a routed decoder is verified without pipeline parallelism only; use 1 stage "
+                "or unset mtp_num_layers"
+            )
         if cfg.context_parallel_size > 1:
             raise DeltaConfigError(
                 f"context_parallel_size={cfg.context_parallel_size}: context parallelism does not compose "
                 "with delta routing in this version (the pipeline pack would be split across CP ranks); use 1"
             )
         unsupported = {
-            "mtp_num_layers": "multi-token prediction (MTP)",
-            "num_moe_experts": "mixture-of-experts layers",
             "multi_latent_attention": "multi-latent attention",
             "heterogeneous_block_specs": "heterogeneous layer specs",
             "cpu_offloading": "CPU activation offloading",
@@ -173,6 +178,27 @@ class DeltaResidualConfig:
             raise DeltaConfigError(
                 "recompute_granularity='full' needs recompute_method 'uniform' or 'block'"
             )
+
+
+# The token dispatchers of megatron-core's MoE layer and the GPU libraries they need.
+MOE_DISPATCHERS = ("allgather", "alltoall")
+
+
+def _validate_moe(cfg) -> None:
+    """What Megatron's MoE layer cannot do here, for every variant (standard included: these fail
+    inside Megatron's MoE layer, not in the routing)."""
+    if not getattr(cfg, "num_moe_experts", None):
+        return
+    if cfg.add_bias_linear:
+        raise DeltaConfigError(
+            "add_bias_linear=True with num_moe_experts: Megatron's expert MLP cannot train linear biases "
+            "(in-place update of a view in backward); set add_bias_linear=False (MoE models are bias-free)"
+        )
+    if cfg.moe_token_dispatcher_type not in MOE_DISPATCHERS:
+        raise DeltaConfigError(
+            f"moe_token_dispatcher_type={cfg.moe_token_dispatcher_type!r} needs DeepEP / HybridEP "
+            f"(GPU-only libraries) and is not supported by megatron-delta; use one of {', '.join(MOE_DISPATCHERS)}"
+        )
 
 
 def check_pipeline_split(num_layers: int, pp: int, vpp: int | None, layers: str = "model.num_layers",

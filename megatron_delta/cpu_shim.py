@@ -34,6 +34,14 @@ def _on_cpu(factory):
     return wrapper
 
 
+class _CpuStream(torch.cpu.Stream):
+    """torch.cpu.Stream whose record_event returns an event: the MoE alltoall dispatcher
+    synchronises on it after copying token counts to the host."""
+
+    def record_event(self, event=None):
+        return event or torch.cpu.Event()
+
+
 _CUDA_TYPE_NAMES = ("torch.FloatTensor", "torch.HalfTensor", "torch.BFloat16Tensor")
 
 
@@ -68,7 +76,7 @@ def install() -> None:
     # Streams: DDP's grad sync orders its collectives against torch.cuda.current_stream()
     # (megatron-core 0.17+), the MoE alltoall dispatcher and Megatron-LM's get_model create side
     # streams. CPU work is ordered already; torch.cpu's streams have the same methods.
-    torch.cuda.Stream = torch.cpu.Stream
+    torch.cuda.Stream = _CpuStream
     torch.cuda.current_stream = lambda device=None: torch.cpu.current_stream()
     torch.cuda.stream = torch.cpu.stream
 
@@ -100,6 +108,22 @@ def install() -> None:
     logging.getLogger(tp_random.__name__).addFilter(
         lambda record: "CPU RNG state changed" not in record.getMessage()
     )
+
+    # The MoE router's gemm helper is imported from Transformer Engine and referenced without it
+    # (megatron-core 0.16: NameError when a router runs; 0.19 sets it to None itself).
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    # The alltoall dispatcher copies its split sizes to the host as numpy arrays (what
+    # all_to_all_single accepts besides lists); that copy is skipped for tensors already on the
+    # CPU, which all_to_all_single then rejects.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    def host_copy(tensor, as_numpy=False, record_stream=False):
+        return tensor.clone().numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = host_copy
 
     # torch_dist checkpoint save builds a *spawn* multiprocessing Manager, which re-imports
     # __main__ (seconds per save, and a hang in scripts without a __main__ guard); fork is enough.

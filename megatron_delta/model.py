@@ -22,6 +22,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.quantization.utils import get_quant_config_or_none
 from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
@@ -97,12 +98,32 @@ def get_gpt_delta_layer_spec(delta: DeltaResidualConfig, backend: str = "local",
         spec = _with_local_norms(get_gpt_layer_local_spec(**spec_kwargs))
     else:
         raise DeltaConfigError(f"backend={backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
-    return routed_layer_spec(spec, delta) if delta.routed else spec
+    return routed_layer_spec(spec, delta)
+
+
+def get_gpt_delta_decoder_block_spec(delta: DeltaResidualConfig, config, backend: str = "local",
+                                     normalization=None, qk_l2_norm: bool = False, vp_stage=None, pp_rank=None):
+    """Megatron's GPT decoder block spec (`get_gpt_decoder_block_spec`: one layer spec per layer of
+    this pipeline stage / virtual stage, dense or MoE as `config.moe_layer_freq` says), with every
+    layer routed as `delta` says. Needed for MoE models whose layers differ (dense first layers);
+    pass the result to DeltaGPTModel as `transformer_layer_spec`."""
+    if backend not in BACKENDS:
+        raise DeltaConfigError(f"backend={backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+    if backend == "transformer_engine":
+        require_transformer_engine("backend='transformer_engine'")
+    local = backend == "local"
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=not local, normalization=normalization,
+                                       qk_l2_norm=qk_l2_norm, vp_stage=vp_stage, pp_rank=pp_rank)
+    layer_specs = [routed_layer_spec(_with_local_norms(spec) if local else spec, delta) for spec in block.layer_specs]
+    return dataclasses.replace(block, layer_specs=layer_specs, layer_norm=LocalNorm if local else block.layer_norm)
 
 
 def routed_layer_spec(spec: ModuleSpec, delta: DeltaResidualConfig) -> ModuleSpec:
     """Megatron's layer spec `spec`, routed as `delta` says: the layer class swapped for
-    DeltaTransformerLayer and the two sublayers' depth routers added to its submodules."""
+    DeltaTransformerLayer and the two sublayers' depth routers added to its submodules (the spec
+    unchanged for the standard variant)."""
+    if not delta.routed:
+        return spec
     router = ModuleSpec(module=DepthRouter, params={"delta": delta})
     submodules = DeltaTransformerLayerSubmodules(
         **{field.name: getattr(spec.submodules, field.name) for field in dataclasses.fields(spec.submodules)},
@@ -141,9 +162,6 @@ class DeltaGPTModel(GPTModel):
         delta.validate_for(config)
         if config.fp8:
             require_transformer_engine(f"fp8={config.fp8!r}")
-        if gpt_kwargs.get("mtp_block_spec") is not None and delta.routed:
-            raise DeltaConfigError("mtp_block_spec is set: multi-token prediction does not compose with "
-                                   "delta routing in this version; leave it None")
         block_spec = self._block_spec(config, transformer_layer_spec, vp_stage, pg_collection)
         layer_class = block_spec.layer_specs[0].module if block_spec.layer_specs else None
         if delta.routed and layer_class is not None and not issubclass(layer_class, DeltaTransformerLayer):

@@ -34,11 +34,13 @@ import torch
 from megatron_delta import (
     DeltaGPTModel,
     DeltaResidualConfig,
+    get_gpt_delta_decoder_block_spec,
     get_gpt_delta_layer_spec,
     link_virtual_stages,
     pipeline_seq_length,
 )
-from megatron_delta.config import VARIANTS, check_pipeline_split
+from megatron_delta import compat
+from megatron_delta.config import MOE_DISPATCHERS, VARIANTS, check_pipeline_split
 
 DEFAULT_TOLERANCE = 1e-5  # relative, fp32: observed agreement is <= 1e-6
 
@@ -53,12 +55,18 @@ class Mesh:
     sp: bool = False
     dist_opt: bool = False
     recompute: str = "none"  # none | full | selective
+    ep: int = 1  # expert parallelism (MoE problems): experts split over ep ranks of the DP x TP ranks
+    etp: int | None = None  # expert tensor parallelism; None: Megatron's default (= tp)
 
     def describe(self, world_size: int) -> str:
         parts = [f"TP{self.tp}", f"PP{self.pp}"]
         if self.vpp:
             parts.append(f"VPP{self.vpp}")
         parts.append(f"DP{world_size // (self.tp * self.pp)}")
+        if self.ep > 1:
+            parts.append(f"EP{self.ep}")
+        if self.etp is not None:
+            parts.append(f"ETP{self.etp}")
         if self.sp:
             parts.append("SP")
         if self.dist_opt:
@@ -83,6 +91,10 @@ class Problem:
     vocab: int = 128
     seed: int = 1234
     steps: int = 1  # iterations; Adam steps between them (grads compared after the last one)
+    num_experts: int | None = None  # MoE layers (every layer) with this many experts; None: dense
+    moe_topk: int = 2
+    dispatcher: str = "allgather"  # MoE token dispatcher: allgather | alltoall
+    mtp: int | None = None  # multi-token prediction layers (their loss reaches the gradients compared)
 
 
 @dataclasses.dataclass
@@ -135,6 +147,9 @@ ADAM_LR = 1e-2
 # Adam's update is ~lr * sign(g) where |g| << eps: with eps=1e-8 that turns 1e-7 rounding
 # differences of near-zero gradients into lr-sized parameter differences between meshes.
 ADAM_EPS = 1e-3
+# MoE problems: the load-balancing loss weight (its term is part of the compared loss), and the
+# experts' hidden size (small: a parity run).
+MOE_AUX_LOSS_COEFF = 1e-2
 
 
 def _transformer_config(problem: Problem, mesh: Mesh):
@@ -145,6 +160,12 @@ def _transformer_config(problem: Problem, mesh: Mesh):
         "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
         "selective": dict(recompute_granularity="selective"),
     }[mesh.recompute]
+    moe = {} if problem.num_experts is None else dict(
+        num_moe_experts=problem.num_experts, moe_router_topk=problem.moe_topk,
+        moe_token_dispatcher_type=problem.dispatcher, moe_aux_loss_coeff=MOE_AUX_LOSS_COEFF,
+        moe_ffn_hidden_size=problem.hidden, add_bias_linear=False,
+        expert_model_parallel_size=mesh.ep, expert_tensor_parallel_size=mesh.etp,
+    )
     return TransformerConfig(
         num_layers=problem.layers,
         hidden_size=problem.hidden,
@@ -160,17 +181,26 @@ def _transformer_config(problem: Problem, mesh: Mesh):
         # gloo pairs batched isend/irecv in posting order: with PP2 x VPP2 (prev == next rank)
         # activations and gradients of one shape get swapped silently.
         batch_p2p_comm=False,
+        mtp_num_layers=problem.mtp,
         **recompute,
+        **moe,
     )
 
 
 def _build_chunk(problem: Problem, config, delta: DeltaResidualConfig, vp_stage):
     from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    # MTP layers are Megatron's plain layers (they route over nothing); on the last stage only.
+    mtp_spec = problem.mtp and get_gpt_mtp_block_spec(
+        config, get_gpt_delta_layer_spec(DeltaResidualConfig("standard")), use_transformer_engine=False,
+        vp_stage=vp_stage,
+    )
 
     return DeltaGPTModel(
         config=config,
         delta=delta,
-        transformer_layer_spec=get_gpt_delta_layer_spec(delta, backend="local"),
+        transformer_layer_spec=get_gpt_delta_decoder_block_spec(delta, config, backend="local", vp_stage=vp_stage),
         vocab_size=problem.vocab,
         max_sequence_length=problem.seq,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -178,6 +208,7 @@ def _build_chunk(problem: Problem, config, delta: DeltaResidualConfig, vp_stage)
         share_embeddings_and_output_weights=True,
         position_embedding_type="rope",
         vp_stage=vp_stage,
+        mtp_block_spec=mtp_spec or None,
     )
 
 
@@ -210,31 +241,46 @@ def _forward_step(data_iterator, model):
 
 def _reference_name(chunk, name: str) -> str:
     """Name of a mesh parameter in the one-process model: local layer index -> global
-    `layer_number`, the tied output weight of the last stage -> the word embeddings."""
+    `layer_number`, local expert index -> global expert index (expert-parallel rank x local
+    experts + index), the tied output weight of the last stage -> the word embeddings."""
+    from megatron.core import parallel_state
+
     parts = name.split(".")
     if parts[:2] == ["decoder", "layers"]:
-        parts[2] = str(chunk.decoder.layers[int(parts[2])].layer_number - 1)
+        layer = chunk.decoder.layers[int(parts[2])]
+        parts[2] = str(layer.layer_number - 1)
+        if parts[3:6] == ["mlp", "experts", "local_experts"]:
+            local_experts = len(layer.mlp.experts.local_experts)
+            parts[6] = str(parallel_state.get_expert_model_parallel_rank() * local_experts + int(parts[6]))
     elif name == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
         return "embedding.word_embeddings.weight"
     return ".".join(parts)
 
 
-def _local_slice(full: torch.Tensor, param, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This TP rank's part of a full reference tensor (params without `tensor_model_parallel`
-    are replicated)."""
+def _local_slice(full: torch.Tensor, param) -> torch.Tensor:
+    """This rank's part of a full reference tensor: split over tensor parallelism, or over expert
+    tensor parallelism for expert weights (`allreduce=False`: reduced over the expert data-parallel
+    group); params without `tensor_model_parallel` are replicated."""
+    from megatron.core import parallel_state
+
     if not getattr(param, "tensor_model_parallel", False):
         return full
-    return full.chunk(tp_size, dim=param.partition_dim)[tp_rank]
+    if getattr(param, "allreduce", True):
+        rank, size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    else:
+        rank, size = parallel_state.get_expert_tensor_parallel_rank(), parallel_state.get_expert_tensor_parallel_world_size()
+    return full.chunk(size, dim=param.partition_dim)[rank]
 
 
 def _gather_reduce_scattered_grads(ddp_chunks) -> None:
     """With the distributed optimizer, finalize_model_grads reduce-scatters: a DP rank holds the
     reduced gradient only in its own shard of each bucket (the rest is its local, unreduced
-    gradient). All-gather the shards so that every main_grad can be compared."""
+    gradient). All-gather the shards so that every main_grad can be compared (expert params:
+    over the expert data-parallel group their buckets use)."""
     from megatron.core.distributed.param_and_grad_buffer import shard_buffer
 
     for ddp in ddp_chunks:
-        for bucket_group in ddp.bucket_groups:
+        for bucket_group in ddp.bucket_groups + ddp.expert_parallel_bucket_groups:
             size = bucket_group.intra_distributed_optimizer_instance_size
             rank = bucket_group.intra_distributed_optimizer_instance_rank
             for bucket in bucket_group.buckets:
@@ -265,6 +311,20 @@ def _check_layout(problem: Problem, mesh: Mesh, world_size: int) -> None:
     for field, value in (("heads", problem.heads), ("vocab", problem.vocab), ("seq", problem.seq)):
         if value % mesh.tp:
             raise ValueError(f"{field}={value} must be divisible by tp={mesh.tp}")
+    if problem.num_experts is None:
+        if mesh.ep > 1 or mesh.etp is not None:
+            raise ValueError("expert parallelism (ep, etp) needs an MoE problem (num_experts)")
+        return
+    if problem.dispatcher not in MOE_DISPATCHERS:
+        raise ValueError(f"dispatcher={problem.dispatcher!r}: choose one of {', '.join(MOE_DISPATCHERS)}")
+    if problem.num_experts % mesh.ep or not 1 <= problem.moe_topk <= problem.num_experts:
+        raise ValueError(f"num_experts={problem.num_experts} must be divisible by ep={mesh.ep} and "
+                         f">= moe_topk={problem.moe_topk} >= 1")
+    etp = mesh.tp if mesh.etp is None else mesh.etp
+    if (world_size // mesh.pp) % (mesh.ep * etp):
+        raise ValueError(f"ep x etp = {mesh.ep} x {etp} must divide the {world_size // mesh.pp} ranks of a pipeline stage")
+    if mesh.ep > 1 and mesh.tp > 1 and not mesh.sp:
+        raise ValueError("expert parallelism with tensor parallelism needs sequence parallelism (sp), as in Megatron")
 
 
 def destroy_model_parallel() -> None:
@@ -284,7 +344,7 @@ def destroy_model_parallel() -> None:
             torch.distributed.destroy_process_group(group)
 
 
-def _init_model_parallel(tp: int = 1, pp: int = 1, vpp=None, seed: int = 0) -> None:
+def _init_model_parallel(tp: int = 1, pp: int = 1, vpp=None, seed: int = 0, ep: int = 1, etp=None) -> None:
     from megatron.core import parallel_state, tensor_parallel
 
     destroy_model_parallel()
@@ -292,6 +352,8 @@ def _init_model_parallel(tp: int = 1, pp: int = 1, vpp=None, seed: int = 0) -> N
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -304,6 +366,17 @@ def _run_reference(problem: Problem, delta: DeltaResidualConfig, device):
     initial_params = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=ADAM_LR, eps=ADAM_EPS, weight_decay=0.0)
     microbatches = _microbatches(problem, device)
+    compat.clear_moe_aux_losses()  # a failed earlier run may have left records
+    if problem.num_experts is not None:
+        # What Megatron's schedule does per step: the aux loss's gradient is scaled like the main
+        # loss's (1 / micro-batches).
+        from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
+
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device) / len(microbatches))
+    if problem.mtp:
+        from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+        MTPLossAutoScaler.set_loss_scale(torch.ones(1, device=device) / len(microbatches))
     losses = []
     for iteration in range(problem.steps):
         model.zero_grad()
@@ -312,7 +385,7 @@ def _run_reference(problem: Problem, delta: DeltaResidualConfig, device):
             loss, _ = _mean_loss(model(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"]))
             (loss / len(microbatches)).backward()
             loss_sum += loss.item()
-        losses.append(loss_sum / len(microbatches))
+        losses.append(loss_sum / len(microbatches) + _moe_aux_loss(problem, len(microbatches)))
         if iteration < problem.steps - 1:
             optimizer.step()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
@@ -331,15 +404,14 @@ def _run_mesh(problem: Problem, mesh: Mesh, delta: DeltaResidualConfig, ref_para
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    _init_model_parallel(mesh.tp, mesh.pp, mesh.vpp, seed=problem.seed)
+    _init_model_parallel(mesh.tp, mesh.pp, mesh.vpp, seed=problem.seed, ep=mesh.ep, etp=mesh.etp)
     config = _transformer_config(problem, mesh)
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
     chunks = []
     for vp_stage in range(mesh.vpp) if mesh.vpp else [None]:
         chunk = _build_chunk(problem, config, delta, vp_stage).to(device)
         with torch.no_grad():
             for name, param in chunk.named_parameters():
-                param.copy_(_local_slice(ref_params[_reference_name(chunk, name)], param, tp_rank, mesh.tp))
+                param.copy_(_local_slice(ref_params[_reference_name(chunk, name)], param))
         chunks.append(chunk)
     link_virtual_stages(chunks)
 
@@ -384,7 +456,7 @@ def _run_mesh(problem: Problem, mesh: Mesh, delta: DeltaResidualConfig, ref_para
             dtype=torch.float64, device=device,
         )
         torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-        losses.append(loss.item() / dp_size)
+        losses.append(loss.item() / dp_size + _moe_aux_loss(problem, per_dp))
         if iteration < problem.steps - 1:
             optimizer.step()
     if mesh.dist_opt:
@@ -392,16 +464,24 @@ def _run_mesh(problem: Problem, mesh: Mesh, delta: DeltaResidualConfig, ref_para
     return chunks, (losses if last_stage else None)
 
 
-def _grad_errors(chunks, ref_grads: dict, tp: int) -> dict:
-    from megatron.core import parallel_state
+def _moe_aux_loss(problem: Problem, num_microbatches: int) -> float:
+    """The weighted load-balancing loss of an iteration (summed over MoE layers, averaged over
+    micro-batches and data-parallel ranks), read from Megatron's aux-loss tracker, which is then
+    cleared; 0 for dense problems. Collective."""
+    if problem.num_experts is None:
+        return 0.0
+    per_layer = compat.moe_aux_losses(["load_balancing_loss"], problem.layers)["load_balancing_loss"]
+    compat.clear_moe_aux_losses()
+    return MOE_AUX_LOSS_COEFF * per_layer.sum().item() / num_microbatches
 
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+
+def _grad_errors(chunks, ref_grads: dict) -> dict:
     errors = {}
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             ref_name = _reference_name(chunk, name)
             ref = ref_grads[ref_name]
-            diff = (param.main_grad.float() - _local_slice(ref, param, tp_rank, tp)).abs().max().item()
+            diff = (param.main_grad.float() - _local_slice(ref, param)).abs().max().item()
             rel = diff / max(ref.abs().max().item(), GRAD_FLOOR)
             errors[ref_name] = max(errors.get(ref_name, (0.0, 0.0)), (diff, rel), key=lambda e: e[1])
     return errors
@@ -412,7 +492,7 @@ def _compare_on_this_rank(problem: Problem, mesh: Mesh, delta: DeltaResidualConf
     that destroying the process groups afterwards really frees them."""
     ref_params, ref_grads, ref_losses = _run_reference(problem, delta, device)
     chunks, mesh_losses = _run_mesh(problem, mesh, delta, ref_params, device)
-    result = dict(losses=mesh_losses, errors=_grad_errors(chunks, ref_grads, mesh.tp), failure=None)
+    result = dict(losses=mesh_losses, errors=_grad_errors(chunks, ref_grads), failure=None)
     return ref_losses, list(ref_grads), result
 
 
@@ -462,9 +542,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     parser.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved 1F1B)")
-    parser.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
+    parser.add_argument("--sp", action="store_true",
+                        help="sequence parallelism (needs --tp > 1; implied by --tp > 1 with --ep > 1, as Megatron requires)")
     parser.add_argument("--dist-opt", action="store_true", help="Megatron's distributed optimizer")
     parser.add_argument("--recompute", choices=("none", "full", "selective"), default="none")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (needs --num-experts)")
+    parser.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
+    parser.add_argument("--num-experts", type=int, default=None, help="MoE model: experts per MoE layer")
+    parser.add_argument("--moe-topk", type=int, default=defaults.moe_topk, help="experts per token")
+    parser.add_argument("--dispatcher", choices=MOE_DISPATCHERS, default=defaults.dispatcher,
+                        help="MoE token dispatcher")
+    parser.add_argument("--mtp", type=int, default=None,
+                        help="multi-token prediction layers (their loss is in the compared gradients)")
     parser.add_argument("--variant", choices=VARIANTS, default=defaults.variant)
     parser.add_argument("--num-blocks", type=int, default=defaults.num_blocks, help="blocks of the block variants")
     parser.add_argument("--layers", type=int, default=defaults.layers)
@@ -501,11 +590,14 @@ def main(argv=None) -> int:
         backend = "gloo"
     torch.distributed.init_process_group(backend)
     try:
-        mesh = Mesh(tp=args.tp, pp=args.pp, vpp=args.vpp, sp=args.sp, dist_opt=args.dist_opt,
-                    recompute=args.recompute)
+        mesh = Mesh(tp=args.tp, pp=args.pp, vpp=args.vpp, sp=args.sp or (args.tp > 1 and args.ep > 1),
+                    dist_opt=args.dist_opt,
+                    recompute=args.recompute, ep=args.ep, etp=args.etp)
         problem = Problem(variant=args.variant, num_blocks=args.num_blocks, layers=args.layers,
                           hidden=args.hidden, heads=args.heads, seq=args.seq, micro_batch=args.micro_batch,
-                          global_batch=args.global_batch, steps=args.steps, seed=args.seed)
+                          global_batch=args.global_batch, steps=args.steps, seed=args.seed,
+                          num_experts=args.num_experts, moe_topk=args.moe_topk, dispatcher=args.dispatcher,
+                          mtp=args.mtp)
         try:
             report = run_parity(mesh, problem, args.tolerance)
         except ValueError as error:  # a layout that cannot run; raised identically on every rank
@@ -513,8 +605,11 @@ def main(argv=None) -> int:
                 print(f"megatron-delta parity: {error}", file=sys.stderr)
             return 2
         if torch.distributed.get_rank() == 0:
+            moe = "" if problem.num_experts is None else (
+                f" experts={problem.num_experts} top{problem.moe_topk} {problem.dispatcher} "
+                f"(loss includes {MOE_AUX_LOSS_COEFF:g} x load-balancing loss)")
             print(f"variant={problem.variant} layers={problem.layers} hidden={problem.hidden} "
-                  f"seq={problem.seq} micro_batch={problem.micro_batch} global_batch={problem.global_batch}")
+                  f"seq={problem.seq} micro_batch={problem.micro_batch} global_batch={problem.global_batch}{moe}")
             print(report.table())
         return 0 if report.passed else 1
     finally:

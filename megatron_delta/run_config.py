@@ -59,6 +59,20 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     transformer_impl: Literal["local", "transformer_engine"] = "local"
+    # Mixture of experts (Megatron's TransformerConfig fields; num_moe_experts null: dense MLPs).
+    num_moe_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None  # None: ffn_hidden_size
+    moe_shared_expert_intermediate_size: Optional[int] = None  # None: no shared expert
+    moe_layer_freq: typing.Union[int, list[int]] = 1  # 1: every layer MoE; [0, 1, 1, ...]: per layer
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: Optional[float] = None
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    moe_router_enable_expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3); needs sigmoid
+    moe_router_bias_update_rate: float = 1e-3
+    moe_grouped_gemm: bool = False
+    mtp_num_layers: Optional[int] = None  # multi-token prediction (not yet composable with routing)
 
 
 @dataclasses.dataclass
@@ -73,6 +87,9 @@ class ParallelConfig:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    expert_model_parallel_size: int = 1  # MoE: experts split over this many ranks of a stage's DP x TP ranks
+    expert_tensor_parallel_size: Optional[int] = None  # None: tensor_model_parallel_size
+    moe_token_dispatcher_type: Literal["allgather", "alltoall", "flex"] = "allgather"
 
 
 @dataclasses.dataclass
@@ -391,6 +408,20 @@ def _validate(cfg: RunConfig, world_size: int) -> None:
     check(m.position_embedding_type == "rope" or max_pos >= m.seq_length,
           f"model.max_position_embeddings={max_pos} < model.seq_length={m.seq_length}")
 
+    # Experts against the mesh (Megatron's TransformerConfig checks the rest).
+    ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size or tp
+    check(ep == 1 or m.num_moe_experts, "parallel.expert_model_parallel_size > 1 needs model.num_moe_experts")
+    if m.num_moe_experts:
+        check(m.num_moe_experts % ep == 0,
+              f"model.num_moe_experts={m.num_moe_experts} is not divisible by "
+              f"parallel.expert_model_parallel_size={ep}")
+        check(ep == 1 or tp == 1 or p.sequence_parallel,
+              "parallel.expert_model_parallel_size > 1 with tensor_model_parallel_size > 1 needs "
+              "parallel.sequence_parallel=true (Megatron's MoE layers require it)")
+        check((world_size // pp) % (ep * etp) == 0,
+              f"parallel: expert_model_parallel_size x expert_tensor_parallel_size = {ep} x {etp} does not divide "
+              f"the {world_size // pp} ranks of a pipeline stage")
+
     # Schedule.
     check(t.lr_warmup_iters >= 0, f"training.lr_warmup_iters={t.lr_warmup_iters} must be >= 0")
     check(t.lr_decay_iters is None or t.lr_decay_iters >= 1,
@@ -482,7 +513,29 @@ def build_transformer_config(cfg: RunConfig, on_gpu: bool):
         masked_softmax_fusion=False,
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
+        **_moe_fields(cfg),
     )
+
+
+def _moe_fields(cfg: RunConfig) -> dict:
+    """The MoE and MTP fields of the TransformerConfig (none for a dense model)."""
+    m, p = cfg.model, cfg.parallel
+    fields = {"mtp_num_layers": m.mtp_num_layers}
+    if not m.num_moe_experts:
+        return fields
+    return {
+        **fields, "num_moe_experts": m.num_moe_experts, "moe_router_topk": m.moe_router_topk,
+        "moe_ffn_hidden_size": m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size,
+        "moe_shared_expert_intermediate_size": m.moe_shared_expert_intermediate_size,
+        "moe_layer_freq": m.moe_layer_freq, "moe_router_load_balancing_type": m.moe_router_load_balancing_type,
+        "moe_aux_loss_coeff": m.moe_aux_loss_coeff, "moe_z_loss_coeff": m.moe_z_loss_coeff,
+        "moe_router_score_function": m.moe_router_score_function,
+        "moe_router_enable_expert_bias": m.moe_router_enable_expert_bias,
+        "moe_router_bias_update_rate": m.moe_router_bias_update_rate, "moe_grouped_gemm": m.moe_grouped_gemm,
+        "expert_model_parallel_size": p.expert_model_parallel_size,
+        "expert_tensor_parallel_size": p.expert_tensor_parallel_size,
+        "moe_token_dispatcher_type": p.moe_token_dispatcher_type,
+    }
 
 
 def build_model_chunk(cfg: RunConfig, config, vocab_size: int, vp_stage=None, backend: str | None = None,
@@ -492,7 +545,7 @@ def build_model_chunk(cfg: RunConfig, config, vocab_size: int, vp_stage=None, ba
     default to what parallel_state says for this rank."""
     from megatron.core import parallel_state
 
-    from megatron_delta.model import DeltaGPTModel, get_gpt_delta_layer_spec
+    from megatron_delta.model import DeltaGPTModel, get_gpt_delta_decoder_block_spec, get_gpt_delta_layer_spec
 
     m = cfg.model
     backend = backend or m.transformer_impl
@@ -503,9 +556,16 @@ def build_model_chunk(cfg: RunConfig, config, vocab_size: int, vp_stage=None, ba
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if m.num_moe_experts:  # dense and MoE layers as moe_layer_freq says: one spec per layer of this stage
+        from megatron.core.utils import get_pg_rank
+
+        pp_rank = get_pg_rank(pg_collection.pp) if pg_collection is not None else None
+        spec = get_gpt_delta_decoder_block_spec(cfg.delta, config, backend=backend, vp_stage=vp_stage,
+                                                pp_rank=pp_rank, normalization=spec_kwargs.get("normalization"))
+    else:
+        spec = get_gpt_delta_layer_spec(cfg.delta, backend=backend, **spec_kwargs)
     return DeltaGPTModel(
-        config=config, delta=cfg.delta,
-        transformer_layer_spec=get_gpt_delta_layer_spec(cfg.delta, backend=backend, **spec_kwargs),
+        config=config, delta=cfg.delta, transformer_layer_spec=spec,
         vocab_size=vocab_size, max_sequence_length=m.max_position_embeddings or m.seq_length,
         pre_process=pre_process, post_process=post_process, parallel_output=True,
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,

@@ -56,6 +56,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron_delta import collect_routing_stats, link_virtual_stages, pipeline_seq_length
 from megatron_delta.checkpointing import CheckpointError, Checkpointer, check_allowed_changes, starting_point
 from megatron_delta.data import DataError, build_datasets, build_tokenizer
+from megatron_delta.moe import MoEMonitor
 from megatron_delta.parameters import count_parameters, router_lr_overrides
 from megatron_delta.run_config import (
     RunConfig,
@@ -292,6 +293,7 @@ class Trainer:
         self.forward_backward = get_forward_backward_func()
         # Pipeline stages exchange the routing sources packed along the sequence dimension.
         self.seq_length = pipeline_seq_length(cfg.delta, config, cfg.model.seq_length)
+        self.moe = MoEMonitor(config, model) if config.num_moe_experts else None  # aux losses, expert load
 
     def _run_schedule(self, batches: list, forward_only: bool) -> torch.Tensor:
         """[loss sum, token count] of these micro-batches on this rank (zeros off the last stage)."""
@@ -314,7 +316,8 @@ class Trainer:
             chunk.zero_grad_buffer()
         # Needed with the distributed optimizer too: otherwise param.grad aliases main_grad.
         self.optimizer.zero_grad()
-        with collect_routing_stats(self.model) if collect_routing else contextlib.nullcontext() as stats:
+        with (collect_routing_stats(self.model) if collect_routing else contextlib.nullcontext() as stats,
+              self.moe.step(collect_routing, len(batches)) if self.moe else contextlib.nullcontext()):
             loss = self._run_schedule(batches, forward_only=False)
         update_successful, grad_norm, _ = self.optimizer.step()
         if update_successful:  # fp16: a step skipped for inf/nan gradients does not advance the lr
@@ -403,7 +406,8 @@ class MetricsLogger:
         self.jsonl.flush()
         if self.tensorboard is not None:
             for name, value in values.items():
-                self.tensorboard.add_scalar(name, value, step)
+                if isinstance(value, (int, float)):  # per-expert loads (a mapping) go to metrics.jsonl only
+                    self.tensorboard.add_scalar(name, value, step)
             for label, stats in (routing or {}).items():
                 self.tensorboard.add_scalar(f"routing_max_weight/{label}", stats["max_weight"], step)
                 self.tensorboard.add_scalar(f"routing_entropy/{label}", stats["entropy"], step)
@@ -556,6 +560,10 @@ def _run(cfg: RunConfig, start_from: str | None, weights_only: bool, device: tor
                 routing = step_routing
                 values["routing_max_weight"], values["routing_entropy"] = sharpness
                 line += f" | routing max-w {sharpness[0]:.3f} H {sharpness[1]:.3f}"
+            if trainer.moe is not None:
+                values.update(trainer.moe.last)
+                line += "".join(f" | {name.removeprefix('moe_')} {values[name]:.4f}" for name in trainer.moe.last
+                                if name.startswith("moe_"))
             log.print(line)
             log.record(iteration, values, routing=step_routing)
             interval_start, interval_start_iteration = now, iteration

@@ -13,6 +13,7 @@ from megatron_delta import (
     DeltaGPTModel,
     DeltaResidualConfig,
     collect_routing_stats,
+    get_gpt_delta_decoder_block_spec,
     get_gpt_delta_layer_spec,
 )
 from megatron_delta import kernels
@@ -259,19 +260,136 @@ def test_kernel_choice_is_fixed_when_the_model_is_built(monkeypatch):
 
 # ---------------------------------------------------------------- identity and standard
 
-def test_standard_variant_is_bit_identical_to_gpt_model():
+def assert_bit_identical(ours, plain):
+    """Same parameter names and values, same loss, same gradients, bit for bit."""
     tokens, position_ids = batch()
-    delta = DeltaResidualConfig(variant="standard")
-    ours, plain = build(delta), build(delta, cls=GPTModel)
-    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), plain.named_parameters()):
+    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), plain.named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)
     out_ours = ours(tokens, position_ids, None, labels=tokens)
     out_plain = plain(tokens, position_ids, None, labels=tokens)
     assert torch.equal(out_ours, out_plain)
     out_ours.sum().backward()
     out_plain.sum().backward()
-    for p1, p2 in zip(ours.parameters(), plain.parameters()):
-        assert torch.equal(p1.grad, p2.grad)
+    for (name, p1), p2 in zip(ours.named_parameters(), plain.parameters()):
+        assert torch.equal(p1.grad, p2.grad), name
+
+
+def test_standard_variant_is_bit_identical_to_gpt_model():
+    delta = DeltaResidualConfig(variant="standard")
+    assert_bit_identical(build(delta), build(delta, cls=GPTModel))
+
+
+# ---------------------------------------------------------------- mixture of experts
+
+def moe_config(**overrides):
+    """A dense first layer, then MoE layers (4 experts, top-2, a shared expert), aux loss on."""
+    return transformer_config(**{
+        **dict(num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32, moe_layer_freq=[0, 1, 1, 1],
+               moe_shared_expert_intermediate_size=32, moe_aux_loss_coeff=1e-2),
+        **overrides,
+    })
+
+
+def build_moe(delta, config, seed=0, megatron_spec=False):
+    """DeltaGPTModel on get_gpt_delta_decoder_block_spec, or (megatron_spec) Megatron's GPTModel
+    on Megatron's own get_gpt_decoder_block_spec."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    kwargs = dict(config=config, vocab_size=VOCAB, max_sequence_length=SEQ, position_embedding_type="rope")
+    if megatron_spec:
+        return GPTModel(transformer_layer_spec=get_gpt_decoder_block_spec(config, use_transformer_engine=False),
+                        **kwargs).to(DEVICE)
+    spec = get_gpt_delta_decoder_block_spec(delta, config)
+    return DeltaGPTModel(delta=delta, transformer_layer_spec=spec, **kwargs).to(DEVICE)
+
+
+def test_standard_moe_is_bit_identical_to_megatron_moe_gpt_model():
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    config = moe_config()
+    ours = build_moe(DeltaResidualConfig(variant="standard"), config)
+    assert [type(layer.mlp) is MoELayer for layer in ours.decoder.layers] == [False, True, True, True]
+    assert_bit_identical(ours, build_moe(None, config, megatron_spec=True))
+
+
+@pytest.mark.parametrize("variant", ["delta", "delta_block", "attnres_block", "attnres_full"])
+def test_routed_moe_model_routing_params_and_aux_loss(variant):
+    """Routed MoE models keep 4 x hidden routing parameters per layer (+ the Kimi final router),
+    and the router's load-balancing loss reaches the router weights through the routed layer:
+    its gradient contribution is linear in moe_aux_loss_coeff, and it is recorded for the MoE
+    layers only."""
+    from megatron_delta import compat
+
+    delta = DeltaResidualConfig(variant=variant, num_blocks=2)
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    standard = build_moe(DeltaResidualConfig(variant="standard"), moe_config())
+    tokens, position_ids = batch()
+    router_grads = {}
+    for coeff in (0.0, 1e-2, 2e-2):
+        model = build_moe(delta, moe_config(moe_aux_loss_coeff=coeff))
+        compat.clear_moe_aux_losses()
+        model(tokens, position_ids, None, labels=tokens).mean().backward()
+        router_grads[coeff] = model.decoder.layers[2].mlp.router.weight.grad.clone()
+    hidden, layers = 64, 4
+    final = 0 if delta.additive else 2 * hidden
+    assert count(model) - count(standard) == 4 * hidden * layers + final
+    aux = compat.moe_aux_losses(["load_balancing_loss"], layers)["load_balancing_loss"]
+    assert aux[0] == 0 and (aux[1:] > 0).all()  # the dense first layer has no router
+    step1, step2 = router_grads[1e-2] - router_grads[0.0], router_grads[2e-2] - router_grads[0.0]
+    assert step1.abs().max() > 1e-4 * router_grads[0.0].abs().max()
+    torch.testing.assert_close(step2, 2 * step1, rtol=1e-4, atol=1e-9)
+    compat.clear_moe_aux_losses()
+
+
+def test_expert_bias_load_balancing_updates_through_the_routed_layer():
+    """Aux-loss-free balancing: the router counts tokens per expert in forward, and Megatron's
+    finalize step moves the expert bias towards the under-loaded experts."""
+    from megatron.core.distributed.finalize_model_grads import _update_router_expert_bias
+
+    config = moe_config(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid",
+                        moe_aux_loss_coeff=0.0, moe_router_bias_update_rate=1e-2)
+    model = build_moe(DeltaResidualConfig(variant="delta_block", num_blocks=2), config)
+    tokens, position_ids = batch()
+    model(tokens, position_ids, None, labels=tokens).mean().backward()
+    router = model.decoder.layers[1].mlp.router
+    load = router.local_tokens_per_expert.clone()
+    assert load.sum() == BATCH * SEQ * 2  # every token sent to top-2 experts
+    _update_router_expert_bias([model], config)
+    bias = router.expert_bias
+    assert torch.equal(torch.sign(bias), torch.sign(load.mean() - load))  # sign(mean - load) x rate
+
+
+@pytest.mark.parametrize("variant", ["delta_block", "attnres_full"])
+def test_multi_token_prediction_on_a_routed_decoder(variant):
+    """Megatron's MTP block on a routed decoder: its layers are plain TransformerLayers reading the
+    decoder's final hidden state (Megatron's get_gpt_mtp_block_spec accepts only plain layer
+    specs), and its loss trains them and reaches the routing."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    delta = DeltaResidualConfig(variant=variant, num_blocks=2)
+    config = transformer_config(mtp_num_layers=1, mtp_loss_scaling_factor=0.5)
+    plain_layer = get_gpt_delta_layer_spec(DeltaResidualConfig(variant="standard"), normalization="RMSNorm")
+
+    def model(mtp_layer_spec):
+        torch.manual_seed(0)
+        model_parallel_cuda_manual_seed(0)
+        return DeltaGPTModel(config=config, delta=delta, transformer_layer_spec=get_gpt_delta_decoder_block_spec(
+            delta, config, normalization="RMSNorm"), vocab_size=VOCAB, max_sequence_length=SEQ,
+            position_embedding_type="rope",
+            mtp_block_spec=get_gpt_mtp_block_spec(config, mtp_layer_spec, use_transformer_engine=False)).to(DEVICE)
+
+    with_mtp = model(plain_layer)
+    # (0.16 calls the MTP layer's transformer layer `transformer_layer`, 0.19 `mtp_model_layer`.)
+    assert [type(m) for m in with_mtp.mtp.modules() if isinstance(m, TransformerLayer)] == [TransformerLayer]
+    tokens, position_ids = batch()
+    with_mtp(tokens, position_ids, None, labels=tokens).mean().backward()
+    grads = {n: p.grad.abs().max().item() for n, p in with_mtp.named_parameters()}
+    mtp_layer = [n for n in grads if n.startswith("mtp.layers.0.") and (".self_attention." in n or ".mlp." in n)]
+    assert len(mtp_layer) == 4 and all(grads[n] > 0 for n in mtp_layer)
+    assert grads["decoder.layers.3.mlp_router.query"] > 0
 
 
 @pytest.mark.parametrize("variant", ["delta", "delta_block"])
@@ -373,9 +491,13 @@ def test_fused_kernels_in_the_model_match_the_reference_path(variant, expected_c
     (dict(variant="delta", init="zero"), {}, "delta.init='zero' is unknown"),
     (dict(variant="delta"), dict(pipeline_model_parallel_size=3, pipeline_dtype=torch.float32),
      "model.num_layers=4 is not divisible by pipeline stages x virtual stages = 3 x 1"),
-    (dict(variant="delta"), dict(mtp_num_layers=1), "mtp_num_layers is set: multi-token prediction"),
+    (dict(variant="delta"), dict(mtp_num_layers=1, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32),
+     "mtp_num_layers=1 with pipeline_model_parallel_size=2"),
     (dict(variant="delta_block"), dict(context_parallel_size=2), "context_parallel_size=2: context parallelism"),
-    (dict(variant="delta"), dict(num_moe_experts=2), "num_moe_experts is set"),
+    (dict(variant="delta"), dict(num_moe_experts=2, add_bias_linear=True),
+     "add_bias_linear=True with num_moe_experts"),
+    (dict(variant="standard"), dict(num_moe_experts=2, moe_token_dispatcher_type="flex"),
+     "moe_token_dispatcher_type='flex' needs DeepEP / HybridEP"),
     (dict(variant="delta"), dict(cuda_graph_impl="local"), "cuda_graph_impl is set"),
     (dict(variant="delta"), dict(recompute_granularity="selective", recompute_modules=["layernorm"]),
      "recompute_modules=['layernorm'] is not supported"),

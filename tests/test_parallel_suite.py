@@ -38,8 +38,11 @@ def test_parallel_suite_passes_on_four_ranks():
 
 def test_parity_command_prints_table_and_exits_nonzero_past_tolerance():
     # TP2 rounding (~1e-7 relative) exceeds an impossible tolerance: FAIL, exit status 1.
-    # (The passing path is the mesh suite above.)
-    result = _torchrun(2, "examples/parity_check.py", "--tp", "2", "--sp", "--variant", "delta_block",
+    # (The passing path is the mesh suite above.) An MoE model with its experts split over the
+    # two ranks (EP2, expert TP1; SP implied by TP2 x EP2).
+    result = _torchrun(2, "examples/parity_check.py", "--tp", "2", "--ep", "2", "--etp", "1", "--num-experts", "4",
+                       "--moe-topk", "3", "--dispatcher", "alltoall", "--variant", "delta_block",
                        "--steps", "2", "--tolerance", "1e-12")
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-6000:]
-    assert "TP2 PP1 DP1 SP" in result.stdout and "FAIL: 2 iteration(s)" in result.stdout
+    assert "experts=4 top3 alltoall" in result.stdout
+    assert "TP2 PP1 DP1 EP2 ETP1 SP" in result.stdout and "FAIL: 2 iteration(s)" in result.stdout

@@ -11,6 +11,7 @@ from megatron_delta.run_config import RunConfigError, from_dict, load_run_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "examples", "configs")
 TINY = os.path.join(CONFIGS, "tiny_cpu.yaml")
+TINY_MOE = os.path.join(CONFIGS, "tiny_moe_cpu.yaml")
 
 
 def config_path(name):
@@ -180,3 +181,39 @@ def test_vocab_padding_does_not_depend_on_the_mesh():
     assert padded_vocab_size(load_run_config(TINY, ["model.vocab_size=151936"]), 258) == 151936
     with pytest.raises(RunConfigError, match="model.vocab_size"):
         load_run_config(TINY, ["model.vocab_size=1001", "parallel.tensor_model_parallel_size=2"]).validate(2)
+
+
+def test_moe_fields_reach_megatron_under_their_names():
+    from megatron_delta.run_config import build_transformer_config
+
+    cfg = load_run_config(TINY_MOE, ["parallel.expert_model_parallel_size=2", "parallel.tensor_model_parallel_size=2",
+                                     "parallel.sequence_parallel=true", "parallel.expert_tensor_parallel_size=1",
+                                     "model.moe_layer_freq=[1, 0, 1, 0]", "model.moe_z_loss_coeff=1e-3"])
+    cfg.validate(world_size=4)
+    tc = build_transformer_config(cfg, on_gpu=False)
+    assert (tc.num_moe_experts, tc.moe_router_topk, tc.moe_ffn_hidden_size, tc.moe_shared_expert_intermediate_size,
+            tc.moe_layer_freq, tc.moe_aux_loss_coeff, tc.moe_z_loss_coeff) == (4, 2, 192, 192, [1, 0, 1, 0], 1e-2, 1e-3)
+    assert (tc.expert_model_parallel_size, tc.expert_tensor_parallel_size, tc.moe_token_dispatcher_type) == (
+        2, 1, "alltoall")
+    dense = build_transformer_config(load_run_config(TINY), on_gpu=False)
+    assert dense.num_moe_experts is None and dense.mtp_num_layers is None
+
+
+@pytest.mark.parametrize("overrides, world_size, named", [
+    (["parallel.expert_model_parallel_size=3", "training.micro_batch_size=1", "training.global_batch_size=12"], 3,
+     "num_moe_experts=4 is not divisible"),
+    (["parallel.expert_model_parallel_size=2", "training.micro_batch_size=1", "training.global_batch_size=12"], 3,
+     "does not divide the 3 ranks"),
+    (["parallel.expert_model_parallel_size=2", "parallel.tensor_model_parallel_size=2"], 4, "sequence_parallel=true"),
+    (["model.add_bias_linear=true"], 1, "add_bias_linear=True with num_moe_experts"),
+    (["parallel.moe_token_dispatcher_type=flex"], 1, "moe_token_dispatcher_type='flex' needs DeepEP"),
+])
+def test_impossible_moe_runs_are_rejected_before_start(overrides, world_size, named):
+    cfg = load_run_config(TINY_MOE, overrides)
+    with pytest.raises(RunConfigError, match=named):
+        cfg.validate(world_size=world_size)
+
+
+def test_expert_parallelism_needs_experts():
+    with pytest.raises(RunConfigError, match="expert_model_parallel_size > 1 needs model.num_moe_experts"):
+        load_run_config(TINY, ["parallel.expert_model_parallel_size=2"]).validate(world_size=2)

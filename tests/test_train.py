@@ -24,6 +24,7 @@ import pytest
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TINY = os.path.join(REPO, "examples", "configs", "tiny_cpu.yaml")
+TINY_MOE = os.path.join(REPO, "examples", "configs", "tiny_moe_cpu.yaml")
 TIMEOUT = 300  # seconds per launched run (~10-25 s on an idle 2-core machine); then the run is killed
 
 # 8 steps of 8 sequences x 64 tokens. The schedule is pinned (lr_decay_iters) so that runs of
@@ -41,7 +42,7 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def _command(run_dir, data_dir, overrides=(), nproc=1, extra=()):
+def _command(run_dir, data_dir, overrides=(), nproc=1, extra=(), config=TINY):
     sets = [f"--set={item}" for item in [*COMMON, f"data.cache_dir={data_dir}", f"logging.dir={run_dir}", *overrides]]
     if nproc == 1:
         launcher = [sys.executable, "-m", "megatron_delta.train"]
@@ -51,7 +52,7 @@ def _command(run_dir, data_dir, overrides=(), nproc=1, extra=()):
             port = s.getsockname()[1]
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                     "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "megatron_delta.train"]
-    return [*launcher, "--config", TINY, *sets, *extra]
+    return [*launcher, "--config", config, *sets, *extra]
 
 
 def kill_tree(proc):
@@ -69,9 +70,9 @@ def kill_tree(proc):
             pass
 
 
-def launch(run_dir, data_dir, overrides=(), nproc=1, extra=()):
+def launch(run_dir, data_dir, overrides=(), nproc=1, extra=(), config=TINY):
     """Run to completion under a hard timeout; returns stdout."""
-    proc = subprocess.Popen(_command(run_dir, data_dir, overrides, nproc, extra), cwd=REPO, env=_env(),
+    proc = subprocess.Popen(_command(run_dir, data_dir, overrides, nproc, extra, config), cwd=REPO, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=TIMEOUT)
@@ -228,3 +229,25 @@ def test_bad_config_fails_before_start(data_dir, tmp_path, overrides, extra, mes
     assert "error:" in err and message in err
     assert torch.distributed.is_initialized() == was_initialized
     assert not os.path.exists(os.path.join(str(tmp_path), "metrics.jsonl"))
+
+
+def test_moe_config_trains_with_expert_parallelism_and_logs_aux_loss_and_expert_load(data_dir, tmp_path):
+    """examples/configs/tiny_moe_cpu.yaml (dense first layer, 3 MoE layers of 4 experts) on 2
+    ranks with the experts split over them (EP2, alltoall): the loss goes down, and every logged
+    step carries the load-balancing loss and each MoE layer's per-expert token shares."""
+    run_dir = str(tmp_path / "moe")
+    out = launch(run_dir, data_dir, ["parallel.expert_model_parallel_size=2", "checkpoint.save_on_exit=false"],
+                 nproc=2, config=TINY_MOE)
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 8 and "load_balancing_loss" in lines[-1] and "expert_load_max" in lines[-1]
+    log = metrics(run_dir)
+    assert log[8]["loss"] < log[1]["loss"] - 0.5
+    for step in range(1, 9):
+        record = log[step]
+        # Unweighted switch loss: 1.0 for a perfectly balanced router, up to num_experts.
+        assert 0.9 < record["moe_load_balancing_loss"] < 4.0
+        assert sorted(record["expert_load"]) == ["layer_02", "layer_03", "layer_04"]
+        for share in record["expert_load"].values():
+            assert len(share) == 4 and sum(share) == pytest.approx(1.0, abs=1e-3)
+        assert record["moe_expert_load_max"] == pytest.approx(
+            4 * max(max(share) for share in record["expert_load"].values()), abs=1e-3)

@@ -40,6 +40,27 @@ CASES = [
     if not (variant.startswith("attnres") and name == "dp4_dist_opt")
 ]
 
+# Mixture-of-experts GPT (4 experts, top-2, every layer MoE; the compared loss includes the
+# load-balancing loss): expert parallelism alone, with TP + SP (expert TP 1 and 2), with PP
+# (MoE layers on both stages) and interleaved PP, with the distributed optimizer (DP4 x EP2: the
+# expert grads reduce-scatter over expert-DP 2), on both CPU-capable token dispatchers.
+MOE_MESHES = {
+    "ep2": (Mesh(ep=2), "allgather"),
+    "ep2_alltoall": (Mesh(ep=2), "alltoall"),
+    "tp2_sp_ep2_etp1": (Mesh(tp=2, sp=True, ep=2, etp=1), "alltoall"),
+    "tp2_sp_ep2_etp2": (Mesh(tp=2, sp=True, ep=2, etp=2), "allgather"),
+    "pp2_ep2": (Mesh(pp=2, ep=2), "alltoall"),
+    "pp2_vpp2_ep2": (Mesh(pp=2, vpp=2, ep=2), "allgather"),
+    "ep2_dist_opt": (Mesh(ep=2, dist_opt=True), "alltoall"),
+}
+# The Kimi baselines on EP and PP; delta and delta_block on every MoE mesh.
+MOE_CASES = [
+    pytest.param(mesh, Problem(variant=variant, num_experts=4, dispatcher=dispatcher), id=f"moe_{name}-{variant}")
+    for variant in ["delta", "delta_block", "attnres_block", "attnres_full"]
+    for name, (mesh, dispatcher) in MOE_MESHES.items()
+    if not variant.startswith("attnres") or name in ("ep2", "pp2_ep2")
+]
+
 
 def _assert_parity(report):
     assert report.passed, "\n" + report.table()
@@ -47,7 +68,7 @@ def _assert_parity(report):
     assert len(report.grad_errors) > 0 and not report.failures
 
 
-@pytest.mark.parametrize("mesh, problem", CASES)
+@pytest.mark.parametrize("mesh, problem", CASES + MOE_CASES)
 def test_mesh_matches_one_process(mesh, problem):
     _assert_parity(run_parity(mesh, problem))
 
