@@ -78,7 +78,11 @@ def test_unknown_nested_key_in_yaml(tmp_path):
     (["parallel.overlap_param_gather=true"], 1, "use_distributed_optimizer"),
 ])
 def test_impossible_runs_are_rejected_before_start(overrides, world_size, named):
-    cfg = load_run_config(TINY, overrides)
+    assert_rejected(TINY, overrides, world_size, named)
+
+
+def assert_rejected(config, overrides, world_size, named):
+    cfg = load_run_config(config, overrides)
     with pytest.raises(RunConfigError, match=named):
         cfg.validate(world_size=world_size)
 
@@ -209,9 +213,7 @@ def test_moe_fields_reach_megatron_under_their_names():
     (["parallel.moe_token_dispatcher_type=flex"], 1, "moe_token_dispatcher_type='flex' needs DeepEP"),
 ])
 def test_impossible_moe_runs_are_rejected_before_start(overrides, world_size, named):
-    cfg = load_run_config(TINY_MOE, overrides)
-    with pytest.raises(RunConfigError, match=named):
-        cfg.validate(world_size=world_size)
+    assert_rejected(TINY_MOE, overrides, world_size, named)
 
 
 def test_expert_parallelism_needs_experts():
