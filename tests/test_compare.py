@@ -6,8 +6,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +15,9 @@ from megatron_delta import compare
 from megatron_delta.routing_plot import read_records
 from megatron_delta.seed_stats import estimate, paired_difference, t_cdf, t_quantile
 
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-TINY = os.path.join(REPO, "examples", "configs", "tiny_cpu.yaml")
+import launcher
+
+TINY = os.path.join(launcher.REPO, "examples", "configs", "tiny_cpu.yaml")
 TIMEOUT = 600  # seconds for one compare command (4 runs: ~60 s on an idle 2-core machine)
 TINY_SETS = [
     "model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=2", "model.ffn_hidden_size=64",
@@ -100,11 +99,10 @@ def test_claim_verdicts_follow_the_intervals():
 
 
 def _compare(output, data_dir, extra=()):
-    command = [sys.executable, "-m", "megatron_delta.cli", "compare", "--config", TINY,
+    command = launcher.cli_command("compare", "--config", TINY,
                "--variants", "standard,delta_block", "--seeds", "2", "--output", output,
-               *[f"--set={item}" for item in [*TINY_SETS, f"data.cache_dir={data_dir}"]], *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+               *[f"--set={item}" for item in [*TINY_SETS, f"data.cache_dir={data_dir}"]], *extra)
+    proc = launcher.run(command, TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 

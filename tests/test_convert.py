@@ -22,8 +22,6 @@ Run this file as a script under torchrun for the mesh worker (see test_tp2_pp2_m
 import dataclasses
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import pytest
@@ -35,7 +33,8 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron_delta import DeltaResidualConfig, convert, pipeline_seq_length
 from megatron_delta.run_config import ModelConfig, load_run_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import launcher
+from launcher import REPO
 SEQ, BATCH, MICRO_BATCH = 16, 4, 2
 TOLERANCE = 1e-5  # relative (max |diff| / max |reference|), fp32; observed <= 1e-6
 
@@ -127,12 +126,6 @@ def forward(model, tokens, labels=None):
     position_ids = torch.arange(tokens.shape[1]).expand(tokens.shape[0], -1)
     with torch.no_grad():
         return model(tokens, position_ids, None, labels=labels)
-
-
-def subprocess_env() -> dict:
-    """One thread per process; the megatron_delta under test (not another installed copy)."""
-    path = os.pathsep.join([REPO] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -401,17 +394,10 @@ def test_tp2_pp2_mesh_loads_the_one_process_checkpoint(hf_models, tmp_path):
     out = tmp_path / "results"
     out.mkdir()
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-               os.path.abspath(__file__), "--mesh-worker", str(out), str(tmp_path / "cases.json")]
-    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log, _ = process.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        log, _ = process.communicate()
-        pytest.fail(f"mesh run timed out:\n{log[-4000:]}")
-    assert process.returncode == 0, "\n".join([log[-3000:], "errors:"] + [l for l in log.splitlines() if "Error" in l])
+    result = launcher.torchrun(4, os.path.abspath(__file__), "--mesh-worker", str(out), str(tmp_path / "cases.json"),
+                               timeout=400, merge_output=True)
+    log = result.stdout
+    assert result.returncode == 0, "\n".join([log[-3000:], "errors:"] + [l for l in log.splitlines() if "Error" in l])
     results = [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(4)]
     last_stage = [r for r in results if r["last_stage"]]
     assert len(last_stage) == 2  # the two TP ranks of pipeline stage 1
@@ -506,10 +492,8 @@ def test_finetuning_a_converted_model_starts_at_the_hf_loss(hf_models, tmp_path)
     assert dataclasses.asdict(cfg.model) | {"seq_length": 0} == json.load(
         open(os.path.join(checkpoint, convert.CONVERSION_FILE)))["model"] | {"seq_length": 0}
 
-    command = [sys.executable, "-m", "megatron_delta.cli", "train", "--config", recipe]
-    command += [arg for item in overrides for arg in ("--set", item)]
-    run = subprocess.run(command, cwd=REPO, env=subprocess_env(),
-                         capture_output=True, text=True, timeout=400)
+    run = launcher.run(launcher.cli_command("train", "--config", recipe,
+                                            *[arg for item in overrides for arg in ("--set", item)]), timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     first_loss = next(m["loss"] for m in metrics if m["step"] == 1 and "loss" in m)

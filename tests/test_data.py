@@ -10,7 +10,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 
 import numpy
@@ -22,6 +21,8 @@ from nltk.tokenize.punkt import PunktSentenceTokenizer
 from megatron_delta import data
 from megatron_delta.compat import detokenize
 from megatron_delta.data import DataConfig, DataError
+
+import launcher
 
 torch.set_num_threads(1)
 
@@ -392,13 +393,7 @@ def test_two_ranks_build_the_same_datasets(tmp_path, byte_tokenizer):
     fixture = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fixture)
     cache = tmp_path / "cache"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script, str(cache)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = launcher.torchrun(2, script, str(cache), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     digests = dict(re.findall(r"rank (\d) digest ([0-9a-f]{16})", result.stdout))
     assert sorted(digests) == ["0", "1"], result.stdout

@@ -22,26 +22,21 @@ import sys
 import pytest
 import torch
 
-from megatron_delta import cpu_shim
+from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-cpu_shim.install()
-
-from megatron.core import parallel_state  # noqa: E402
-from megatron.core.inference.contexts import StaticInferenceContext  # noqa: E402
-from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed  # noqa: E402
-
-from megatron_delta import DeltaResidualConfig, convert, generate  # noqa: E402
-from megatron_delta.run_config import (  # noqa: E402
+from megatron_delta import DeltaResidualConfig, convert, generate
+from megatron_delta.run_config import (
     ModelConfig,
     ParallelConfig,
     RunConfig,
     build_model_chunk,
     build_transformer_config,
 )
-from test_parallel_suite import _torchrun  # noqa: E402
-from test_train import launch  # noqa: E402
+import launcher
+from test_train import launch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-5  # relative (max |diff| / max |reference|), fp32
 VOCAB = 96
 VARIANTS = {
@@ -148,6 +143,9 @@ def _tp2_worker(out_dir: str) -> None:
     """Runs under torchrun with 2 ranks: every variant's cache-vs-full checks at TP=2."""
     import torch.distributed as dist
 
+    from megatron_delta import cpu_shim
+
+    cpu_shim.install()  # a process of its own: tests/conftest.py does not run here
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(2, 1)
@@ -160,7 +158,7 @@ def _tp2_worker(out_dir: str) -> None:
 
 
 def test_tp2_kv_cache_decoding_equals_the_full_forward_and_tp1(single_process_world, tmp_path):
-    result = _torchrun(2, os.path.join("tests", "test_generate.py"), "--tp2-worker", str(tmp_path))
+    result = launcher.torchrun(2, os.path.join("tests", "test_generate.py"), "--tp2-worker", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     tp2 = json.load(open(tmp_path / "tp2.json"))
     for variant, delta in VARIANTS.items():
@@ -182,9 +180,8 @@ def trained_run(tmp_path_factory):
 
 def cli(*args, nproc: int = 1) -> subprocess.CompletedProcess:
     if nproc > 1:
-        return _torchrun(nproc, "-m", "megatron_delta.cli", *args)
-    return subprocess.run([sys.executable, "-m", "megatron_delta.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return launcher.torchrun(nproc, "-m", "megatron_delta.cli", *args)
+    return launcher.run(launcher.cli_command(*args), timeout=300)
 
 
 def test_generate_command_one_process_and_tp2(trained_run, tmp_path):
@@ -316,12 +313,11 @@ def test_lm_eval_harness_scores_the_export(scratch_export, single_process_world,
             {"context": "The Python", "continuation": " language"}]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tmp_path / "task.yaml").write_text(LM_EVAL_TASK.format(data=tmp_path / "docs.jsonl"))
-    run = subprocess.run(
+    run = launcher.run(
         [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={exported},trust_remote_code=True",
          "--tasks", "megatron_delta_tiny", "--include_path", str(tmp_path), "--device", "cpu", "--batch_size", "1",
          "--output_path", str(tmp_path / "out"), "--log_samples"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+        timeout=600, cwd=str(tmp_path), extra_env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     samples_file = next(p for p in (tmp_path / "out").rglob("samples_megatron_delta_tiny*.jsonl"))
     samples = sorted((json.loads(line) for line in open(samples_file)), key=lambda s: s["doc_id"])

@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -37,6 +36,8 @@ from megatron_delta import (
 )
 from megatron_delta.layer import DeltaTransformerLayer
 from megatron_delta.model import HAVE_TE
+
+import launcher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO, "examples", "megatron_lm", "pretrain_gpt_delta.py")
@@ -285,17 +286,9 @@ def megatron_lm_env(megatron_lm_root: str, scratch) -> dict:
 
 
 def torchrun(script_args, nproc, megatron_lm_root, cwd, timeout=600):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               *script_args]
-    process = subprocess.Popen(command, cwd=cwd, env=megatron_lm_env(megatron_lm_root, cwd), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        log, _ = process.communicate()
-        pytest.fail(f"Megatron-LM run timed out:\n{log[-4000:]}")
-    return process.returncode, log
+    result = launcher.torchrun(nproc, *script_args, timeout=timeout, cwd=cwd, merge_output=True,
+                               extra_env=megatron_lm_env(megatron_lm_root, cwd))
+    return result.returncode, result.stdout
 
 
 def training_losses(log: str) -> list:

@@ -20,14 +20,13 @@ own), then both ranks measure.
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
 import yaml
 
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+import launcher
+from launcher import REPO
 CONFIGS = os.path.join(REPO, "examples", "configs")
 RECIPES = {  # config -> (nodes, GPUs per node)
     "delta_block_7p6b.yaml": (8, 8),
@@ -196,20 +195,8 @@ def figures(tmp_path_factory):
     """Run the 2-rank job; the plans and the measurements it wrote."""
     out = str(tmp_path_factory.mktemp("plan"))
     _small_config(out)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    job = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={port}", os.path.abspath(__file__), out],
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": REPO},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log = job.communicate(timeout=TIMEOUT)[0]
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, 9)
-    assert job.returncode == 0, log[-4000:]
+    result = launcher.torchrun(2, os.path.abspath(__file__), out, timeout=TIMEOUT, merge_output=True)
+    assert result.returncode == 0, result.stdout[-4000:]
     with open(os.path.join(out, "plan.json")) as f:
         planned = json.load(f)
     with open(os.path.join(out, "measured.json")) as f:

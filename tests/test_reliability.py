@@ -26,13 +26,14 @@ import torch
 from megatron_delta import checkpointing, data
 from megatron_delta.run_config import load_run_config
 from megatron_delta.run_lock import RunDirectoryLock
-from test_train import REPO, TIMEOUT, TINY, _command, _env, kill_tree, launch, losses
+
+import launcher
+from test_train import REPO, TIMEOUT, TINY, _command, launch, losses
 
 
 def run(run_dir, data_dir, overrides=(), extra=(), env=None):
     """(exit status, stdout, stderr) of a one-process run."""
-    result = subprocess.run(_command(run_dir, data_dir, overrides, extra=extra), cwd=REPO, env=env or _env(),
-                            capture_output=True, text=True, timeout=TIMEOUT)
+    result = launcher.run(_command(run_dir, data_dir, overrides, extra=extra), TIMEOUT, extra_env=env)
     return result.returncode, result.stdout, result.stderr
 
 
@@ -236,8 +237,7 @@ def test_planted_metadata_is_refused_by_every_command_that_reads_checkpoints(pla
     checkpoint, marker = planted
     plant_metadata(checkpoint, marker)
     argv = [arg.format(checkpoint=checkpoint, out=str(tmp_path / "out")) for arg in command]
-    result = subprocess.run([sys.executable, "-m", "megatron_delta.cli", *argv], cwd=REPO, env=_env(),
-                            capture_output=True, text=True, timeout=TIMEOUT)
+    result = launcher.run(launcher.cli_command(*argv), TIMEOUT)
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"refused to load {checkpoint}: it contains pickled data that needs posix.system" in result.stderr
     assert "Traceback" not in result.stderr and not os.path.exists(marker)
@@ -315,8 +315,8 @@ def processes_with(token):
 def test_sigkill_after_a_save_leaves_no_process(data_dir, tmp_path):
     token = uuid.uuid4().hex
     proc = subprocess.Popen(_command(str(tmp_path), data_dir, ["training.train_iters=200", "checkpoint.save_interval=2"]),
-                            cwd=REPO, env={**_env(), "MEGATRON_DELTA_TEST_RUN": token},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            cwd=REPO, env=launcher.env(MEGATRON_DELTA_TEST_RUN=token),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + TIMEOUT
         while not os.path.exists(os.path.join(str(tmp_path), "checkpoints", "latest")):
@@ -331,7 +331,7 @@ def test_sigkill_after_a_save_leaves_no_process(data_dir, tmp_path):
         left = processes_with(token)
         assert not left, [(p.pid, p.ppid(), p.cmdline()[:3]) for p in left]
     finally:
-        kill_tree(proc)
+        launcher.kill_tree(proc)
         for process in processes_with(token):
             process.kill()
 
@@ -431,7 +431,7 @@ def test_sigterm_during_preprocess_removes_its_temporary_files(tmp_path):
     source.write_text("\n\n".join(f"paragraph {i} with some words in it" for i in range(400_000)))
     prefix = str(tmp_path / "big")
     proc = subprocess.Popen([sys.executable, "-m", "megatron_delta.cli", "preprocess", "--input", str(source),
-                             "--output-prefix", prefix, "--no-progress"], cwd=REPO, env=_env(),
+                             "--output-prefix", prefix, "--no-progress"], cwd=REPO, env=launcher.env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + TIMEOUT

@@ -14,13 +14,13 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-import psutil
 import pytest
+
+import launcher
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 TINY = os.path.join(REPO, "examples", "configs", "tiny_cpu.yaml")
@@ -38,50 +38,18 @@ COMMON = [
 ]
 
 
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
 def _command(run_dir, data_dir, overrides=(), nproc=1, extra=(), config=TINY):
     sets = [f"--set={item}" for item in [*COMMON, f"data.cache_dir={data_dir}", f"logging.dir={run_dir}", *overrides]]
-    if nproc == 1:
-        launcher = [sys.executable, "-m", "megatron_delta.train"]
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                    "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "megatron_delta.train"]
-    return [*launcher, "--config", config, *sets, *extra]
-
-
-def kill_tree(proc):
-    """Kill a launched run and everything it started: torchrun puts its workers in sessions of
-    their own, which killing torchrun's process group would leave running."""
-    try:
-        root = psutil.Process(proc.pid)
-        family = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:  # already gone
-        return
-    for member in family:
-        try:
-            member.kill()
-        except psutil.NoSuchProcess:
-            pass
+    module = ["-m", "megatron_delta.train"]
+    launch_with = [sys.executable, *module] if nproc == 1 else launcher.torchrun_command(nproc, *module)
+    return [*launch_with, "--config", config, *sets, *extra]
 
 
 def launch(run_dir, data_dir, overrides=(), nproc=1, extra=(), config=TINY):
     """Run to completion under a hard timeout; returns stdout."""
-    proc = subprocess.Popen(_command(run_dir, data_dir, overrides, nproc, extra, config), cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc)
-        out, err = proc.communicate()
-        pytest.fail(f"run timed out after {TIMEOUT}s:\n{out[-3000:]}\n{err[-3000:]}")
-    assert proc.returncode == 0, f"exit {proc.returncode}:\n{out[-3000:]}\n{err[-5000:]}"
-    return out
+    result = launcher.run(_command(run_dir, data_dir, overrides, nproc, extra, config), timeout=TIMEOUT)
+    assert result.returncode == 0, f"exit {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout
 
 
 def metrics(run_dir):
@@ -152,8 +120,8 @@ def test_sigterm_checkpoint_resumes_bit_for_bit(reference, data_dir, tmp_path):
     ref_dir, _ = reference
     run_dir = str(tmp_path)
     # Long enough to be interrupted; the pinned schedule keeps steps 1-8 equal to the reference.
-    proc = subprocess.Popen(_command(run_dir, data_dir, ["training.train_iters=200"]), cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(_command(run_dir, data_dir, ["training.train_iters=200"]), cwd=REPO, env=launcher.env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + TIMEOUT
         while not any(step >= 2 for step in _losses_if_any(run_dir)):
@@ -162,7 +130,7 @@ def test_sigterm_checkpoint_resumes_bit_for_bit(reference, data_dir, tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
-        kill_tree(proc)
+        launcher.kill_tree(proc)
     assert proc.returncode == 143, f"{out[-2000:]}\n{err[-3000:]}"
     assert "stop signal received" in out
     with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
