@@ -70,10 +70,6 @@ class DeltaTransformerBlock(TransformerBlock):
         else:
             kept = self._source_cache().take(self.vp_stage).read() if self.boundary_in.kept else []
             state = transport.unpack(self.input_tensor, self.rules, self.boundary_in, self.pipeline_slots, kept)
-            # GPTModel sized the rotary table from the packed input ([slots * s, b, h]); positions
-            # 0..s-1 are its first s rows.
-            if rotary_pos_emb is not None:
-                rotary_pos_emb = rotary_pos_emb[: rotary_pos_emb.shape[0] // self.pipeline_slots]
 
         layer_kwargs = dict(
             attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos,

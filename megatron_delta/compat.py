@@ -20,6 +20,8 @@ What changed between those releases that touches megatron-delta, and where it is
     0.17  the MoE aux-loss tracker moves to moe_logging.MoEMetricsTracker (0.16: a dict in
           moe_utils); megatron-core 0.16 also references TE's te_general_gemm without TE (cpu_shim
           defines it): moe_aux_losses() / clear_moe_aux_losses().
+    0.17+ the MTP loss tracker keeps the losses under "loss_values" (with acceptance counts; 0.16:
+          "values"): take_mtp_losses().
     0.17  the tokenizers' detokenize keeps special tokens (0.18: unless told otherwise): detokenize().
     0.19  Megatron-LM's pretrain() takes a config container instead of a model provider:
           megatron_delta.megatron_lm (Megatron-LM's training code is not part of megatron-core).
@@ -108,3 +110,19 @@ def clear_moe_aux_losses() -> None:
     from megatron.core.transformer.moe import moe_utils
 
     moe_utils.get_moe_layer_wise_logging_tracker().clear()
+
+
+def take_mtp_losses(num_layers: int):
+    """Per MTP layer, the losses Megatron's MTP block recorded on this rank since the last call
+    (each micro-batch's token-mean loss, summed over micro-batches; zeros where none was
+    recorded, e.g. off the last pipeline stage), then forgets them. Not reduced over ranks."""
+    import torch
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    tracker = MTPLossLoggingHelper.tracker
+    recorded = tracker.get("loss_values", tracker.get("values"))
+    losses = recorded.detach().clone() if recorded is not None else torch.zeros(num_layers)
+    for values in (tracker.get(name) for name in ("values", "loss_values", "correct_values", "total_values")):
+        if values is not None:
+            values.zero_()
+    return losses

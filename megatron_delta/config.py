@@ -138,12 +138,6 @@ class DeltaResidualConfig:
             if getattr(cfg, field, False):
                 raise DeltaConfigError(f"{field}=True is not supported with delta routing; set it False")
         check_pipeline_split(num_layers, pp, vpp)
-        if getattr(cfg, "mtp_num_layers", None) and pp > 1:
-            raise DeltaConfigError(
-                f"mtp_num_layers={cfg.mtp_num_layers} with pipeline_model_parallel_size={pp}: multi-token "
-                "prediction on a routed decoder is verified without pipeline parallelism only; use 1 stage "
-                "or unset mtp_num_layers"
-            )
         if cfg.context_parallel_size > 1:
             raise DeltaConfigError(
                 f"context_parallel_size={cfg.context_parallel_size}: context parallelism does not compose "

@@ -192,6 +192,17 @@ class DeltaGPTModel(GPTModel):
                 if hasattr(module, "finish_init"):
                     module.finish_init(get_quant_config_or_none(name, self.config.quant_recipe))
 
+    def _preprocess(self, *args, **kwargs):
+        """GPTModel's, with the rotary table cut to the sequence: on a later pipeline stage GPTModel
+        sizes it from the packed input ([slots * s, b, h]), and both the decoder's layers and the
+        MTP block (on the last stage) need positions 0..s-1, its first s rows."""
+        output = super()._preprocess(*args, **kwargs)
+        slots = getattr(self.decoder, "pipeline_slots", 1)
+        rotary_pos_emb = output[1]
+        if self.pre_process or slots == 1 or rotary_pos_emb is None:
+            return output
+        return (output[0], rotary_pos_emb[: rotary_pos_emb.shape[0] // slots], *output[2:])
+
     @staticmethod
     def _block_spec(config, layer_spec, vp_stage, pg_collection):
         if isinstance(layer_spec, TransformerBlockSubmodules):

@@ -31,16 +31,17 @@ import traceback
 
 import torch
 
-from megatron_delta import (
-    DeltaGPTModel,
-    DeltaResidualConfig,
-    get_gpt_delta_decoder_block_spec,
-    get_gpt_delta_layer_spec,
-    link_virtual_stages,
-    pipeline_seq_length,
-)
-from megatron_delta import compat
+from megatron_delta import DeltaResidualConfig, compat, link_virtual_stages, pipeline_seq_length
 from megatron_delta.config import MOE_DISPATCHERS, VARIANTS, check_pipeline_split
+from megatron_delta.run_config import (
+    ModelConfig,
+    ParallelConfig,
+    RunConfig,
+    TrainingConfig,
+    build_model_chunk,
+    build_transformer_config,
+)
+from megatron_delta.train import forward_step, token_loss
 
 DEFAULT_TOLERANCE = 1e-5  # relative, fp32: observed agreement is <= 1e-6
 
@@ -152,9 +153,12 @@ ADAM_EPS = 1e-3
 MOE_AUX_LOSS_COEFF = 1e-2
 
 
-def _transformer_config(problem: Problem, mesh: Mesh):
-    from megatron.core.transformer import TransformerConfig
-
+def run_config(problem: Problem, mesh: Mesh) -> RunConfig:
+    """The trainer's run config of this problem on this mesh: parity builds its models with the
+    trainer's builders (run_config.build_transformer_config / build_model_chunk) and runs the
+    trainer's forward step and per-token loss, so it checks the trainer's wiring. What makes it
+    a parity run is in the fields: fp32, dropout 0 (the defaults), weights built on the host and
+    sliced (CPU), the model shape of the parity problem (LayerNorm, GELU, biases on dense models)."""
     recompute = {
         "none": {},
         "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
@@ -162,87 +166,58 @@ def _transformer_config(problem: Problem, mesh: Mesh):
     }[mesh.recompute]
     moe = {} if problem.num_experts is None else dict(
         num_moe_experts=problem.num_experts, moe_router_topk=problem.moe_topk,
-        moe_token_dispatcher_type=problem.dispatcher, moe_aux_loss_coeff=MOE_AUX_LOSS_COEFF,
-        moe_ffn_hidden_size=problem.hidden, add_bias_linear=False,
-        expert_model_parallel_size=mesh.ep, expert_tensor_parallel_size=mesh.etp,
+        moe_aux_loss_coeff=MOE_AUX_LOSS_COEFF, moe_ffn_hidden_size=problem.hidden,
     )
-    return TransformerConfig(
-        num_layers=problem.layers,
-        hidden_size=problem.hidden,
-        num_attention_heads=problem.heads,
-        tensor_model_parallel_size=mesh.tp,
-        pipeline_model_parallel_size=mesh.pp,
-        virtual_pipeline_model_parallel_size=mesh.vpp,
-        sequence_parallel=mesh.sp,
-        pipeline_dtype=torch.float32,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        use_cpu_initialization=True,
-        # gloo pairs batched isend/irecv in posting order: with PP2 x VPP2 (prev == next rank)
-        # activations and gradients of one shape get swapped silently.
-        batch_p2p_comm=False,
-        mtp_num_layers=problem.mtp,
-        **recompute,
-        **moe,
+    return RunConfig(
+        model=ModelConfig(
+            num_layers=problem.layers, hidden_size=problem.hidden, num_attention_heads=problem.heads,
+            seq_length=problem.seq, vocab_size=problem.vocab, normalization="LayerNorm", activation="gelu",
+            add_bias_linear=problem.num_experts is None, mtp_num_layers=problem.mtp, **moe,
+        ),
+        delta=DeltaResidualConfig(variant=problem.variant, num_blocks=problem.num_blocks),
+        parallel=ParallelConfig(
+            tensor_model_parallel_size=mesh.tp, pipeline_model_parallel_size=mesh.pp,
+            virtual_pipeline_model_parallel_size=mesh.vpp, sequence_parallel=mesh.sp,
+            use_distributed_optimizer=mesh.dist_opt, expert_model_parallel_size=mesh.ep,
+            expert_tensor_parallel_size=mesh.etp, moe_token_dispatcher_type=problem.dispatcher,
+        ),
+        training=TrainingConfig(micro_batch_size=problem.micro_batch, global_batch_size=problem.global_batch,
+                                precision="fp32", seed=problem.seed, **recompute),
     )
 
 
-def _build_chunk(problem: Problem, config, delta: DeltaResidualConfig, vp_stage):
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+def _transformer_config(problem: Problem, mesh: Mesh):
+    return build_transformer_config(run_config(problem, mesh), on_gpu=torch.cuda.is_available())
 
-    # MTP layers are Megatron's plain layers (they route over nothing); on the last stage only.
-    mtp_spec = problem.mtp and get_gpt_mtp_block_spec(
-        config, get_gpt_delta_layer_spec(DeltaResidualConfig("standard")), use_transformer_engine=False,
-        vp_stage=vp_stage,
-    )
 
-    return DeltaGPTModel(
-        config=config,
-        delta=delta,
-        transformer_layer_spec=get_gpt_delta_decoder_block_spec(delta, config, backend="local", vp_stage=vp_stage),
-        vocab_size=problem.vocab,
-        max_sequence_length=problem.seq,
-        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-        share_embeddings_and_output_weights=True,
-        position_embedding_type="rope",
-        vp_stage=vp_stage,
-        mtp_block_spec=mtp_spec or None,
-    )
+def _build_chunk(problem: Problem, config, vp_stage):
+    """This rank's model chunk for virtual stage `vp_stage`, as the trainer builds it (the model
+    fields of the run config do not depend on the mesh; `config` carries the mesh)."""
+    return build_model_chunk(run_config(problem, Mesh()), config, problem.vocab, vp_stage=vp_stage)
 
 
 def _microbatches(problem: Problem, device) -> list:
-    """The deterministic synthetic global batch, as micro-batches of (input_ids, position_ids, labels)."""
+    """The deterministic synthetic global batch, as the trainer's micro-batches (tokens,
+    position_ids, labels, loss_mask: every token counts)."""
     generator = torch.Generator().manual_seed(problem.seed)
     tokens = torch.randint(problem.vocab, (problem.global_batch, problem.seq + 1), generator=generator)
     position_ids = torch.arange(problem.seq).expand(problem.micro_batch, -1)
     return [
         dict(
-            input_ids=tokens[i : i + problem.micro_batch, :-1].to(device),
+            tokens=tokens[i : i + problem.micro_batch, :-1].to(device),
             position_ids=position_ids.to(device),
             labels=tokens[i : i + problem.micro_batch, 1:].to(device),
+            loss_mask=torch.ones(problem.micro_batch, problem.seq, device=device),
         )
         for i in range(0, problem.global_batch, problem.micro_batch)
     ]
 
 
-def _mean_loss(per_token_loss):
-    loss = per_token_loss.float().mean()
-    # The schedule scales the returned loss in place; report an unscaled copy.
-    return loss, {"lm loss": loss.detach().clone()}
-
-
-def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    output = model(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"])
-    return output, _mean_loss
-
-
 def _reference_name(chunk, name: str) -> str:
     """Name of a mesh parameter in the one-process model: local layer index -> global
     `layer_number`, local expert index -> global expert index (expert-parallel rank x local
-    experts + index), the tied output weight of the last stage -> the word embeddings."""
+    experts + index), the tied output weight of the last stage -> the word embeddings; None for a
+    parameter the model never uses."""
     from megatron.core import parallel_state
 
     parts = name.split(".")
@@ -253,6 +228,10 @@ def _reference_name(chunk, name: str) -> str:
             local_experts = len(layer.mlp.experts.local_experts)
             parts[6] = str(parallel_state.get_expert_model_parallel_rank() * local_experts + int(parts[6]))
     elif name == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
+        # A later stage with the MTP block holds its own copy of the embedding, which is then the
+        # shared output weight; GPTModel still allocates the output layer's weight, unused: None.
+        if chunk.shared_embedding_or_output_weight() is not chunk.output_layer.weight:
+            return None
         return "embedding.word_embeddings.weight"
     return ".".join(parts)
 
@@ -359,40 +338,46 @@ def _init_model_parallel(tp: int = 1, pp: int = 1, vpp=None, seed: int = 0, ep: 
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def _run_reference(problem: Problem, delta: DeltaResidualConfig, device):
+def _run_reference(problem: Problem, device):
     """Whole model, whole global batch, one process: (initial params, last grads, losses)."""
     _init_model_parallel(seed=problem.seed)
-    model = _build_chunk(problem, _transformer_config(problem, Mesh()), delta, vp_stage=None).to(device)
+    config = _transformer_config(problem, Mesh())
+    model = _build_chunk(problem, config, vp_stage=None).to(device)
     initial_params = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=ADAM_LR, eps=ADAM_EPS, weight_decay=0.0)
     microbatches = _microbatches(problem, device)
     compat.clear_moe_aux_losses()  # a failed earlier run may have left records
+    compat.take_mtp_losses(problem.mtp or 1)
+    # What Megatron's schedule and finalize_model_grads do with calculate_per_token_loss: each
+    # micro-batch backpropagates its loss sum, the MoE / MTP losses attached to the activations
+    # get a backward scale of 1, and the gradients are divided by the global batch's token count.
+    tokens = sum(batch["loss_mask"].sum() for batch in microbatches)
     if problem.num_experts is not None:
-        # What Megatron's schedule does per step: the aux loss's gradient is scaled like the main
-        # loss's (1 / micro-batches).
         from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
 
-        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device) / len(microbatches))
+        MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device) / tokens)
     if problem.mtp:
         from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
-        MTPLossAutoScaler.set_loss_scale(torch.ones(1, device=device) / len(microbatches))
+        MTPLossAutoScaler.set_loss_scale(torch.ones(1, device=device) / tokens)
     losses = []
     for iteration in range(problem.steps):
         model.zero_grad()
         loss_sum = 0.0
         for batch in microbatches:
-            loss, _ = _mean_loss(model(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"]))
-            (loss / len(microbatches)).backward()
+            output, loss_func = forward_step(iter([batch]), model)
+            loss, _, _ = loss_func(output)
+            (loss / tokens).backward()
             loss_sum += loss.item()
-        losses.append(loss_sum / len(microbatches) + _moe_aux_loss(problem, len(microbatches)))
+        losses.append(loss_sum / tokens.item() + _moe_aux_loss(problem, len(microbatches))
+                      + _mtp_loss(config, len(microbatches)))
         if iteration < problem.steps - 1:
             optimizer.step()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
     return initial_params, grads, losses
 
 
-def _run_mesh(problem: Problem, mesh: Mesh, delta: DeltaResidualConfig, ref_params: dict, device):
+def _run_mesh(problem: Problem, mesh: Mesh, ref_params: dict, device):
     """Megatron's schedule (and optimizer between iterations) on the target layout:
     (this rank's chunks, DP-averaged losses; None on ranks that are not the last stage)."""
     from megatron.core import parallel_state
@@ -408,10 +393,12 @@ def _run_mesh(problem: Problem, mesh: Mesh, delta: DeltaResidualConfig, ref_para
     config = _transformer_config(problem, mesh)
     chunks = []
     for vp_stage in range(mesh.vpp) if mesh.vpp else [None]:
-        chunk = _build_chunk(problem, config, delta, vp_stage).to(device)
+        chunk = _build_chunk(problem, config, vp_stage).to(device)
         with torch.no_grad():
             for name, param in chunk.named_parameters():
-                param.copy_(_local_slice(ref_params[_reference_name(chunk, name)], param))
+                ref_name = _reference_name(chunk, name)
+                if ref_name is not None:
+                    param.copy_(_local_slice(ref_params[ref_name], param))
         chunks.append(chunk)
     link_virtual_stages(chunks)
 
@@ -431,6 +418,7 @@ def _run_mesh(problem: Problem, mesh: Mesh, delta: DeltaResidualConfig, ref_para
         ddp_chunks,
     )
 
+    dp_group = parallel_state.get_data_parallel_group()
     dp_size = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     microbatches = _microbatches(problem, device)
@@ -443,20 +431,20 @@ def _run_mesh(problem: Problem, mesh: Mesh, delta: DeltaResidualConfig, ref_para
             ddp.zero_grad_buffer()
         optimizer.zero_grad()
         reduced = get_forward_backward_func()(
-            forward_step_func=_forward_step,
+            forward_step_func=forward_step,
             data_iterator=[iter(own) for _ in ddp_chunks] if mesh.vpp else iter(own),
             model=ddp_chunks,
             num_microbatches=per_dp,
-            seq_length=pipeline_seq_length(delta, config, problem.seq),
+            seq_length=pipeline_seq_length(chunks[0].delta, config, problem.seq),
             micro_batch_size=problem.micro_batch,
         )
-        # Average over DP (only last-stage ranks hold losses; the others all-reduce zeros).
-        loss = torch.tensor(
-            sum(r["lm loss"].item() for r in reduced) / per_dp if last_stage else 0.0,
-            dtype=torch.float64, device=device,
-        )
-        torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-        losses.append(loss.item() / dp_size + _moe_aux_loss(problem, per_dp))
+        # [loss sum, token count] over DP (only last-stage ranks hold losses; the others reduce zeros).
+        totals = torch.zeros(2, dtype=torch.float64, device=device)
+        if last_stage:
+            totals += torch.stack([r["lm loss"] for r in reduced]).sum(0)
+        torch.distributed.all_reduce(totals, group=dp_group)
+        losses.append((totals[0] / totals[1]).item() + _moe_aux_loss(problem, per_dp)
+                      + _mtp_loss(config, per_dp * dp_size, dp_group))
         if iteration < problem.steps - 1:
             optimizer.step()
     if mesh.dist_opt:
@@ -470,9 +458,22 @@ def _moe_aux_loss(problem: Problem, num_microbatches: int) -> float:
     cleared; 0 for dense problems. Collective."""
     if problem.num_experts is None:
         return 0.0
-    per_layer = compat.moe_aux_losses(["load_balancing_loss"], problem.layers)["load_balancing_loss"]
+    per_layer = compat.moe_aux_losses(["load_balancing_loss"], problem.layers + (problem.mtp or 0))["load_balancing_loss"]
     compat.clear_moe_aux_losses()
     return MOE_AUX_LOSS_COEFF * per_layer.sum().item() / num_microbatches
+
+
+def _mtp_loss(config, num_microbatches: int, dp_group=None) -> float:
+    """The weighted multi-token-prediction loss of an iteration (mtp_loss_scaling_factor x the
+    mean over MTP layers of the token-mean loss, averaged over micro-batches and, with
+    `dp_group`, over data-parallel ranks: collective there), from Megatron's MTP loss tracker
+    (filled on the last pipeline stage), which is then cleared; 0 without MTP."""
+    if not config.mtp_num_layers:
+        return 0.0
+    per_layer = compat.take_mtp_losses(config.mtp_num_layers).double()
+    if dp_group is not None:
+        torch.distributed.all_reduce(per_layer, group=dp_group)
+    return config.mtp_loss_scaling_factor * per_layer.mean().item() / num_microbatches
 
 
 def _grad_errors(chunks, ref_grads: dict) -> dict:
@@ -480,6 +481,8 @@ def _grad_errors(chunks, ref_grads: dict) -> dict:
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             ref_name = _reference_name(chunk, name)
+            if ref_name is None:
+                continue
             ref = ref_grads[ref_name]
             diff = (param.main_grad.float() - _local_slice(ref, param)).abs().max().item()
             rel = diff / max(ref.abs().max().item(), GRAD_FLOOR)
@@ -487,11 +490,11 @@ def _grad_errors(chunks, ref_grads: dict) -> dict:
     return errors
 
 
-def _compare_on_this_rank(problem: Problem, mesh: Mesh, delta: DeltaResidualConfig, device):
+def _compare_on_this_rank(problem: Problem, mesh: Mesh, device):
     """(reference losses, reference param names, this rank's result); keeps no model alive, so
     that destroying the process groups afterwards really frees them."""
-    ref_params, ref_grads, ref_losses = _run_reference(problem, delta, device)
-    chunks, mesh_losses = _run_mesh(problem, mesh, delta, ref_params, device)
+    ref_params, ref_grads, ref_losses = _run_reference(problem, device)
+    chunks, mesh_losses = _run_mesh(problem, mesh, ref_params, device)
     result = dict(losses=mesh_losses, errors=_grad_errors(chunks, ref_grads), failure=None)
     return ref_losses, list(ref_grads), result
 
@@ -502,11 +505,10 @@ def run_parity(mesh: Mesh, problem: Problem = Problem(), tolerance: float = DEFA
     world_size = torch.distributed.get_world_size()
     rank = torch.distributed.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    delta = DeltaResidualConfig(variant=problem.variant, num_blocks=problem.num_blocks)
     _check_layout(problem, mesh, world_size)
     ref_losses, ref_names = [], []
     try:
-        ref_losses, ref_names, local = _compare_on_this_rank(problem, mesh, delta, device)
+        ref_losses, ref_names, local = _compare_on_this_rank(problem, mesh, device)
     except Exception as error:  # reported by every rank below instead of leaving the others waiting
         # The innermost frame outside torch says where Megatron (or we) called what failed.
         where = [f for f in traceback.extract_tb(error.__traceback__) if f"{os.sep}torch{os.sep}" not in f.filename][-1]

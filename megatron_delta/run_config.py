@@ -72,7 +72,7 @@ class ModelConfig:
     moe_router_enable_expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3); needs sigmoid
     moe_router_bias_update_rate: float = 1e-3
     moe_grouped_gemm: bool = False
-    mtp_num_layers: Optional[int] = None  # multi-token prediction (not yet composable with routing)
+    mtp_num_layers: Optional[int] = None  # multi-token prediction layers (Megatron's MTP block); None: off
 
 
 @dataclasses.dataclass
@@ -556,16 +556,29 @@ def build_model_chunk(cfg: RunConfig, config, vocab_size: int, vp_stage=None, ba
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    if m.num_moe_experts:  # dense and MoE layers as moe_layer_freq says: one spec per layer of this stage
+    pp_rank = None
+    if pg_collection is not None:
         from megatron.core.utils import get_pg_rank
 
-        pp_rank = get_pg_rank(pg_collection.pp) if pg_collection is not None else None
-        spec = get_gpt_delta_decoder_block_spec(cfg.delta, config, backend=backend, vp_stage=vp_stage,
-                                                pp_rank=pp_rank, normalization=spec_kwargs.get("normalization"))
-    else:
-        spec = get_gpt_delta_layer_spec(cfg.delta, backend=backend, **spec_kwargs)
+        pp_rank = get_pg_rank(pg_collection.pp)
+
+    def layer_spec(delta: DeltaResidualConfig):
+        if m.num_moe_experts:  # dense and MoE layers as moe_layer_freq says: one spec per layer of this stage
+            return get_gpt_delta_decoder_block_spec(delta, config, backend=backend, vp_stage=vp_stage,
+                                                    pp_rank=pp_rank, normalization=spec_kwargs.get("normalization"))
+        return get_gpt_delta_layer_spec(delta, backend=backend, **spec_kwargs)
+
+    mtp_block_spec = None
+    if m.mtp_num_layers:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+        # Megatron's MTP block (on the last pipeline stage only; None elsewhere) from the plain
+        # version of the decoder's last layer: MTP layers route over nothing (see the README).
+        mtp_block_spec = get_gpt_mtp_block_spec(config, layer_spec(DeltaResidualConfig("standard")),
+                                                use_transformer_engine=backend == "transformer_engine",
+                                                vp_stage=vp_stage, pp_rank=pp_rank)
     return DeltaGPTModel(
-        config=config, delta=cfg.delta, transformer_layer_spec=spec,
+        config=config, delta=cfg.delta, transformer_layer_spec=layer_spec(cfg.delta), mtp_block_spec=mtp_block_spec,
         vocab_size=vocab_size, max_sequence_length=m.max_position_embeddings or m.seq_length,
         pre_process=pre_process, post_process=post_process, parallel_output=True,
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,

@@ -491,8 +491,6 @@ def test_fused_kernels_in_the_model_match_the_reference_path(variant, expected_c
     (dict(variant="delta", init="zero"), {}, "delta.init='zero' is unknown"),
     (dict(variant="delta"), dict(pipeline_model_parallel_size=3, pipeline_dtype=torch.float32),
      "model.num_layers=4 is not divisible by pipeline stages x virtual stages = 3 x 1"),
-    (dict(variant="delta"), dict(mtp_num_layers=1, pipeline_model_parallel_size=2, pipeline_dtype=torch.float32),
-     "mtp_num_layers=1 with pipeline_model_parallel_size=2"),
     (dict(variant="delta_block"), dict(context_parallel_size=2), "context_parallel_size=2: context parallelism"),
     (dict(variant="delta"), dict(num_moe_experts=2, add_bias_linear=True),
      "add_bias_linear=True with num_moe_experts"),

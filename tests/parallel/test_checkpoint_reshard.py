@@ -36,7 +36,7 @@ def _per_token_losses(model, config, delta) -> torch.Tensor:
 
     def forward_step(data_iterator, chunk):
         batch = next(data_iterator)
-        losses = chunk(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"])
+        losses = chunk(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return losses, lambda out: (outputs.append(out.detach()) or out.sum(), {})
 
     batches = _microbatches(PROBLEM, torch.device("cpu"))
@@ -54,7 +54,7 @@ def _per_token_losses(model, config, delta) -> torch.Tensor:
 def _build(mesh: Mesh, delta, seed: int):
     _init_model_parallel(mesh.tp, mesh.pp, seed=seed)
     config = _transformer_config(PROBLEM, mesh)
-    return _build_chunk(PROBLEM, config, delta, vp_stage=None).eval(), config
+    return _build_chunk(PROBLEM, config, vp_stage=None).eval(), config
 
 
 @pytest.mark.parametrize("save_mesh, load_mesh", [(Mesh(tp=2, pp=2), Mesh()), (Mesh(), Mesh(tp=2, pp=2))],

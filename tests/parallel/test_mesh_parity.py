@@ -8,7 +8,7 @@ Every assertion is on a report all ranks share, so all ranks pass or fail togeth
 import pytest
 import torch
 
-from megatron_delta import DeltaResidualConfig, parity, pipeline_seq_length
+from megatron_delta import parity, pipeline_seq_length
 from megatron_delta.parity import Mesh, Problem, run_parity
 
 # Variants under the mesh suite; add a variant here to put it under every mesh below.
@@ -61,6 +61,13 @@ MOE_CASES = [
     if not variant.startswith("attnres") or name in ("ep2", "pp2_ep2")
 ]
 
+# Multi-token prediction (one MTP layer, Megatron's, on the last pipeline stage, which then holds
+# its own copy of the embedding): the compared loss includes the weighted MTP loss.
+MTP_CASES = [
+    pytest.param(Mesh(pp=2), Problem(variant="delta", mtp=1), id="mtp_pp2-delta"),
+    pytest.param(Mesh(pp=2, vpp=2), Problem(variant="delta_block", mtp=1), id="mtp_pp2_vpp2-delta_block"),
+]
+
 
 def _assert_parity(report):
     assert report.passed, "\n" + report.table()
@@ -68,7 +75,7 @@ def _assert_parity(report):
     assert len(report.grad_errors) > 0 and not report.failures
 
 
-@pytest.mark.parametrize("mesh, problem", CASES + MOE_CASES)
+@pytest.mark.parametrize("mesh, problem", CASES + MOE_CASES + MTP_CASES)
 def test_mesh_matches_one_process(mesh, problem):
     _assert_parity(run_parity(mesh, problem))
 
@@ -105,9 +112,8 @@ def test_interleaved_chunks_that_were_not_linked_are_a_clear_error():
     parity._init_model_parallel(mesh.tp, mesh.pp, mesh.vpp, seed=problem.seed)
     try:
         config = parity._transformer_config(problem, mesh)
-        delta = DeltaResidualConfig("delta_block", problem.num_blocks)
         # Both chunks: building them all-reduces the tied embedding between the first and last.
-        chunk = [parity._build_chunk(problem, config, delta, vp_stage) for vp_stage in (0, 1)][1]
+        chunk = [parity._build_chunk(problem, config, vp_stage) for vp_stage in (0, 1)][1]
         chunk.set_input_tensor(torch.zeros(pipeline_seq_length(chunk.delta, config, problem.seq),
                                            problem.micro_batch, problem.hidden))
         tokens = torch.zeros(problem.micro_batch, problem.seq, dtype=torch.long)
