@@ -20,6 +20,9 @@ What changed between those releases that touches megatron-delta, and where it is
     0.17  the MoE aux-loss tracker moves to moe_logging.MoEMetricsTracker (0.16: a dict in
           moe_utils); megatron-core 0.16 also references TE's te_general_gemm without TE (cpu_shim
           defines it): moe_aux_losses() / clear_moe_aux_losses().
+    0.17  GPTModel.sharded_state_dict of a pipeline stage with the MTP block reads
+          metadata["dp_cp_group"] without filling it in (0.16; fixed later): DeltaGPTModel
+          passes sharded_state_dict_metadata(metadata).
     0.17+ the MTP loss tracker keeps the losses under "loss_values" (with acceptance counts; 0.16:
           "values"): take_mtp_losses().
     0.17  the tokenizers' detokenize keeps special tokens (0.18: unless told otherwise): detokenize().
@@ -126,3 +129,11 @@ def take_mtp_losses(num_layers: int):
         if values is not None:
             values.zero_()
     return losses
+
+
+def sharded_state_dict_metadata(metadata):
+    """`metadata` for GPTModel.sharded_state_dict with its data-parallel group filled in, as later
+    releases do inside GPTModel (megatron-core 0.16 reads it unfilled on an MTP pipeline stage)."""
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+    return ensure_metadata_has_dp_cp_group(metadata)

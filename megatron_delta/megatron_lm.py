@@ -53,7 +53,8 @@ _UNSUPPORTED_MEGATRON_LM_ARGS = (
      "experimental attention variants do not compose with delta routing"),
     ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path",
      "heterogeneous layer specs do not compose with delta routing"),
-    ("mtp_num_layers", "--mtp-num-layers", "multi-token prediction does not compose with delta routing"),
+    ("mtp_num_layers", "--mtp-num-layers", "delta_gpt_builder does not build the MTP block; megatron-delta train "
+                                       "does (model.mtp_num_layers)"),
 )
 
 

@@ -182,6 +182,12 @@ class DeltaGPTModel(GPTModel):
         )
         self.delta = delta
         self.transformer_layer_spec = transformer_layer_spec
+        if self.mtp_process and self.share_embeddings_and_output_weights and not self.pre_process:
+            # A later pipeline stage with the MTP block holds its own copy of the embedding, which
+            # is the shared output weight there; GPTModel still allocates an output-layer weight
+            # that nothing reads and that Megatron's checkpointing refuses on that stage
+            # (LanguageModule.tie_embeddings_and_output_weights_state_dict asserts it is absent).
+            self.output_layer.weight = None
         if delta.routed:
             self.decoder = DeltaTransformerBlock(
                 config=self.config, spec=block_spec, delta=delta, pre_process=self.pre_process,
@@ -202,6 +208,9 @@ class DeltaGPTModel(GPTModel):
         if self.pre_process or slots == 1 or rotary_pos_emb is None:
             return output
         return (output[0], rotary_pos_emb[: rotary_pos_emb.shape[0] // slots], *output[2:])
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        return super().sharded_state_dict(prefix, sharded_offsets, compat.sharded_state_dict_metadata(metadata))
 
     @staticmethod
     def _block_spec(config, layer_spec, vp_stage, pg_collection):

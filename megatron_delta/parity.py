@@ -41,7 +41,7 @@ from megatron_delta.run_config import (
     build_model_chunk,
     build_transformer_config,
 )
-from megatron_delta.train import forward_step, token_loss
+from megatron_delta.train import forward_step, mtp_loss
 
 DEFAULT_TOLERANCE = 1e-5  # relative, fp32: observed agreement is <= 1e-6
 
@@ -216,8 +216,7 @@ def _microbatches(problem: Problem, device) -> list:
 def _reference_name(chunk, name: str) -> str:
     """Name of a mesh parameter in the one-process model: local layer index -> global
     `layer_number`, local expert index -> global expert index (expert-parallel rank x local
-    experts + index), the tied output weight of the last stage -> the word embeddings; None for a
-    parameter the model never uses."""
+    experts + index), the tied output weight of the last stage -> the word embeddings."""
     from megatron.core import parallel_state
 
     parts = name.split(".")
@@ -228,10 +227,6 @@ def _reference_name(chunk, name: str) -> str:
             local_experts = len(layer.mlp.experts.local_experts)
             parts[6] = str(parallel_state.get_expert_model_parallel_rank() * local_experts + int(parts[6]))
     elif name == "output_layer.weight" and chunk.share_embeddings_and_output_weights:
-        # A later stage with the MTP block holds its own copy of the embedding, which is then the
-        # shared output weight; GPTModel still allocates the output layer's weight, unused: None.
-        if chunk.shared_embedding_or_output_weight() is not chunk.output_layer.weight:
-            return None
         return "embedding.word_embeddings.weight"
     return ".".join(parts)
 
@@ -370,7 +365,7 @@ def _run_reference(problem: Problem, device):
             (loss / tokens).backward()
             loss_sum += loss.item()
         losses.append(loss_sum / tokens.item() + _moe_aux_loss(problem, len(microbatches))
-                      + _mtp_loss(config, len(microbatches)))
+                      + _mtp_loss(config, len(microbatches), device))
         if iteration < problem.steps - 1:
             optimizer.step()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
@@ -396,9 +391,7 @@ def _run_mesh(problem: Problem, mesh: Mesh, ref_params: dict, device):
         chunk = _build_chunk(problem, config, vp_stage).to(device)
         with torch.no_grad():
             for name, param in chunk.named_parameters():
-                ref_name = _reference_name(chunk, name)
-                if ref_name is not None:
-                    param.copy_(_local_slice(ref_params[ref_name], param))
+                param.copy_(_local_slice(ref_params[_reference_name(chunk, name)], param))
         chunks.append(chunk)
     link_virtual_stages(chunks)
 
@@ -444,7 +437,7 @@ def _run_mesh(problem: Problem, mesh: Mesh, ref_params: dict, device):
             totals += torch.stack([r["lm loss"] for r in reduced]).sum(0)
         torch.distributed.all_reduce(totals, group=dp_group)
         losses.append((totals[0] / totals[1]).item() + _moe_aux_loss(problem, per_dp)
-                      + _mtp_loss(config, per_dp * dp_size, dp_group))
+                      + _mtp_loss(config, per_dp, device))
         if iteration < problem.steps - 1:
             optimizer.step()
     if mesh.dist_opt:
@@ -463,17 +456,14 @@ def _moe_aux_loss(problem: Problem, num_microbatches: int) -> float:
     return MOE_AUX_LOSS_COEFF * per_layer.sum().item() / num_microbatches
 
 
-def _mtp_loss(config, num_microbatches: int, dp_group=None) -> float:
+def _mtp_loss(config, num_microbatches: int, device) -> float:
     """The weighted multi-token-prediction loss of an iteration (mtp_loss_scaling_factor x the
-    mean over MTP layers of the token-mean loss, averaged over micro-batches and, with
-    `dp_group`, over data-parallel ranks: collective there), from Megatron's MTP loss tracker
-    (filled on the last pipeline stage), which is then cleared; 0 without MTP."""
+    trainer's unweighted MTP loss, from Megatron's MTP loss tracker, which is then cleared); 0
+    without MTP. Collective."""
     if not config.mtp_num_layers:
         return 0.0
-    per_layer = compat.take_mtp_losses(config.mtp_num_layers).double()
-    if dp_group is not None:
-        torch.distributed.all_reduce(per_layer, group=dp_group)
-    return config.mtp_loss_scaling_factor * per_layer.mean().item() / num_microbatches
+    recorded = compat.take_mtp_losses(config.mtp_num_layers).to(device)
+    return config.mtp_loss_scaling_factor * mtp_loss(recorded, num_microbatches)
 
 
 def _grad_errors(chunks, ref_grads: dict) -> dict:
@@ -481,8 +471,6 @@ def _grad_errors(chunks, ref_grads: dict) -> dict:
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             ref_name = _reference_name(chunk, name)
-            if ref_name is None:
-                continue
             ref = ref_grads[ref_name]
             diff = (param.main_grad.float() - _local_slice(ref, param)).abs().max().item()
             rel = diff / max(ref.abs().max().item(), GRAD_FLOOR)
@@ -610,8 +598,9 @@ def main(argv=None) -> int:
             moe = "" if problem.num_experts is None else (
                 f" experts={problem.num_experts} top{problem.moe_topk} {problem.dispatcher} "
                 f"(loss includes {MOE_AUX_LOSS_COEFF:g} x load-balancing loss)")
+            mtp = f" mtp={problem.mtp} (loss includes the weighted MTP loss)" if problem.mtp else ""
             print(f"variant={problem.variant} layers={problem.layers} hidden={problem.hidden} "
-                  f"seq={problem.seq} micro_batch={problem.micro_batch} global_batch={problem.global_batch}{moe}")
+                  f"seq={problem.seq} micro_batch={problem.micro_batch} global_batch={problem.global_batch}{moe}{mtp}")
             print(report.table())
         return 0 if report.passed else 1
     finally:

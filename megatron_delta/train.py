@@ -53,7 +53,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, get
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from megatron_delta import collect_routing_stats, link_virtual_stages, pipeline_seq_length
+from megatron_delta import collect_routing_stats, compat, link_virtual_stages, pipeline_seq_length
 from megatron_delta.checkpointing import CheckpointError, Checkpointer, check_allowed_changes, starting_point
 from megatron_delta.data import DataError, build_datasets, build_tokenizer
 from megatron_delta.moe import MoEMonitor
@@ -263,7 +263,8 @@ def forward_step(data_iterator, model):
     """One micro-batch through one model chunk (the schedule calls this; see Megatron-LM's
     pretrain_gpt.forward_step). Non-first stages ignore the tokens, non-last the labels."""
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
+                   loss_mask=batch["loss_mask"])  # the MTP block masks its losses with it
     return output, functools.partial(token_loss, batch["loss_mask"])
 
 
@@ -294,6 +295,8 @@ class Trainer:
         # Pipeline stages exchange the routing sources packed along the sequence dimension.
         self.seq_length = pipeline_seq_length(cfg.delta, config, cfg.model.seq_length)
         self.moe = MoEMonitor(config, model) if config.num_moe_experts else None  # aux losses, expert load
+        self.mtp_num_layers = config.mtp_num_layers
+        self.mtp_loss = None  # of the last logging step (multi-token prediction only)
 
     def _run_schedule(self, batches: list, forward_only: bool) -> torch.Tensor:
         """[loss sum, token count] of these micro-batches on this rank (zeros off the last stage)."""
@@ -319,6 +322,9 @@ class Trainer:
         with (collect_routing_stats(self.model) if collect_routing else contextlib.nullcontext() as stats,
               self.moe.step(collect_routing, len(batches)) if self.moe else contextlib.nullcontext()):
             loss = self._run_schedule(batches, forward_only=False)
+        if self.mtp_num_layers:  # read and cleared every step, as Megatron's loop does
+            recorded = compat.take_mtp_losses(self.mtp_num_layers)
+            self.mtp_loss = mtp_loss(recorded.to(self.device), len(batches)) if collect_routing else None
         update_successful, grad_norm, _ = self.optimizer.step()
         if update_successful:  # fp16: a step skipped for inf/nan gradients does not advance the lr
             self.scheduler.step(increment=1)
@@ -339,6 +345,17 @@ class Trainer:
             chunk.train()
         loss_sum, tokens = all_ranks_sum(total).tolist()
         return loss_sum / tokens
+
+
+def mtp_loss(per_layer: torch.Tensor, num_microbatches: int) -> float:
+    """The unweighted multi-token-prediction loss of a step from what this rank's MTP block
+    recorded (compat.take_mtp_losses): the mean over MTP layers of the token-mean loss, averaged
+    over micro-batches and data-parallel ranks (recorded on the last pipeline stage, shared with
+    every rank). Collective over the data-parallel and pipeline groups."""
+    per_layer = per_layer.double()
+    torch.distributed.all_reduce(per_layer, group=parallel_state.get_data_parallel_group())
+    torch.distributed.all_reduce(per_layer, group=parallel_state.get_pipeline_model_parallel_group())
+    return per_layer.mean().item() / num_microbatches / parallel_state.get_data_parallel_world_size()
 
 
 def all_ranks_sum(loss: torch.Tensor) -> torch.Tensor:
@@ -560,6 +577,9 @@ def _run(cfg: RunConfig, start_from: str | None, weights_only: bool, device: tor
                 routing = step_routing
                 values["routing_max_weight"], values["routing_entropy"] = sharpness
                 line += f" | routing max-w {sharpness[0]:.3f} H {sharpness[1]:.3f}"
+            if trainer.mtp_loss is not None:
+                values["mtp_loss"] = trainer.mtp_loss
+                line += f" | mtp loss {trainer.mtp_loss:.4f}"
             if trainer.moe is not None:
                 values.update(trainer.moe.last)
                 line += "".join(f" | {name.removeprefix('moe_')} {values[name]:.4f}" for name in trainer.moe.last

@@ -219,3 +219,31 @@ def test_moe_config_trains_with_expert_parallelism_and_logs_aux_loss_and_expert_
             assert len(share) == 4 and sum(share) == pytest.approx(1.0, abs=1e-3)
         assert record["moe_expert_load_max"] == pytest.approx(
             4 * max(max(share) for share in record["expert_load"].values()), abs=1e-3)
+
+
+def test_mtp_trains_and_its_checkpoint_resumes_on_a_pipeline_mesh(data_dir, tmp_path):
+    """model.mtp_num_layers=1 trains Megatron's MTP block next to the routed decoder (its loss is
+    logged and goes down); the 1-process step-4 checkpoint holds the MTP weights and resumes on
+    PP2, where the MTP block and a copy of the embedding sit on the last stage: the next steps'
+    losses and MTP losses equal the uninterrupted run's (step 5's MTP loss is computed from the
+    loaded MTP weights alone, before any update)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    mtp = ["model.mtp_num_layers=1"]
+    ref_dir, pp_dir = str(tmp_path / "one_process"), str(tmp_path / "pp2")
+    out = launch(ref_dir, data_dir, [*mtp, "checkpoint.save_interval=4", "checkpoint.save_on_exit=false"])
+    assert "mtp loss" in [line for line in out.splitlines() if line.startswith("step ")][-1]
+    ref = metrics(ref_dir)
+    assert ref[8]["loss"] < ref[1]["loss"] - 0.5 and ref[8]["mtp_loss"] < ref[1]["mtp_loss"] - 0.5
+    step4 = os.path.join(ref_dir, "checkpoints", "iter_0000004")
+    saved = FileSystemReader(step4).read_metadata().state_dict_metadata
+    assert "mtp.layers.0.eh_proj.weight" in saved and "mtp.layers.0.transformer_layer.mlp.linear_fc1.weight" in saved
+
+    out = launch(pp_dir, data_dir, [*mtp, "parallel.pipeline_model_parallel_size=2", "checkpoint.save_on_exit=false"],
+                 nproc=2, extra=["--resume", step4])
+    assert "tp 1 pp 2 dp 1" in out and "iteration 4" in out
+    resumed = metrics(pp_dir)
+    assert sorted(losses(pp_dir)) == [5, 6, 7, 8]
+    assert resumed[5]["mtp_loss"] < ref[1]["mtp_loss"] - 0.3  # trained MTP weights, not a fresh init
+    for key in ("loss", "mtp_loss"):
+        assert_close({s: r[key] for s, r in resumed.items() if key in r}, {s: r[key] for s, r in ref.items()}, rel=1e-5)
