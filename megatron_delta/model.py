@@ -25,6 +25,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_block_spec,
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
+    get_gpt_mtp_block_spec,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -116,6 +117,21 @@ def get_gpt_delta_decoder_block_spec(delta: DeltaResidualConfig, config, backend
                                        qk_l2_norm=qk_l2_norm, vp_stage=vp_stage, pp_rank=pp_rank)
     layer_specs = [routed_layer_spec(_with_local_norms(spec) if local else spec, delta) for spec in block.layer_specs]
     return dataclasses.replace(block, layer_specs=layer_specs, layer_norm=LocalNorm if local else block.layer_norm)
+
+
+def get_gpt_delta_mtp_block_spec(config, layer_spec, backend: str = "local", vp_stage=None, pp_rank=None):
+    """Megatron's multi-token-prediction block spec (`get_gpt_mtp_block_spec`; None on the stages
+    without the MTP block) around `layer_spec`, a plain (`standard`) layer or decoder block spec:
+    MTP layers route over nothing (see the README). With the local backend its norms are
+    LocalNorm, like the decoder's, so that it also runs under sequence parallelism."""
+    block = get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=backend == "transformer_engine",
+                                   vp_stage=vp_stage, pp_rank=pp_rank)
+    if block is None or backend != "local":
+        return block
+    norms = dict(enorm=LocalNorm, hnorm=LocalNorm, layer_norm=LocalNorm)
+    layer_specs = [dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **norms))
+                   for spec in block.layer_specs]
+    return dataclasses.replace(block, layer_specs=layer_specs)
 
 
 def routed_layer_spec(spec: ModuleSpec, delta: DeltaResidualConfig) -> ModuleSpec:

@@ -545,7 +545,12 @@ def build_model_chunk(cfg: RunConfig, config, vocab_size: int, vp_stage=None, ba
     default to what parallel_state says for this rank."""
     from megatron.core import parallel_state
 
-    from megatron_delta.model import DeltaGPTModel, get_gpt_delta_decoder_block_spec, get_gpt_delta_layer_spec
+    from megatron_delta.model import (
+        DeltaGPTModel,
+        get_gpt_delta_decoder_block_spec,
+        get_gpt_delta_layer_spec,
+        get_gpt_delta_mtp_block_spec,
+    )
 
     m = cfg.model
     backend = backend or m.transformer_impl
@@ -569,14 +574,9 @@ def build_model_chunk(cfg: RunConfig, config, vocab_size: int, vp_stage=None, ba
         return get_gpt_delta_layer_spec(delta, backend=backend, **spec_kwargs)
 
     mtp_block_spec = None
-    if m.mtp_num_layers:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
-
-        # Megatron's MTP block (on the last pipeline stage only; None elsewhere) from the plain
-        # version of the decoder's last layer: MTP layers route over nothing (see the README).
-        mtp_block_spec = get_gpt_mtp_block_spec(config, layer_spec(DeltaResidualConfig("standard")),
-                                                use_transformer_engine=backend == "transformer_engine",
-                                                vp_stage=vp_stage, pp_rank=pp_rank)
+    if m.mtp_num_layers:  # Megatron's MTP block (last stage only) around the decoder's last layer, unrouted
+        mtp_block_spec = get_gpt_delta_mtp_block_spec(config, layer_spec(DeltaResidualConfig("standard")),
+                                                      backend=backend, vp_stage=vp_stage, pp_rank=pp_rank)
     return DeltaGPTModel(
         config=config, delta=cfg.delta, transformer_layer_spec=layer_spec(cfg.delta), mtp_block_spec=mtp_block_spec,
         vocab_size=vocab_size, max_sequence_length=m.max_position_embeddings or m.seq_length,

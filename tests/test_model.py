@@ -365,9 +365,10 @@ def test_expert_bias_load_balancing_updates_through_the_routed_layer():
 def test_multi_token_prediction_on_a_routed_decoder(variant):
     """Megatron's MTP block on a routed decoder: its layers are plain TransformerLayers reading the
     decoder's final hidden state (Megatron's get_gpt_mtp_block_spec accepts only plain layer
-    specs), and its loss trains them and reaches the routing."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+    specs), its norms are the local backend's, and its loss trains them and reaches the routing."""
     from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from megatron_delta import get_gpt_delta_mtp_block_spec
 
     delta = DeltaResidualConfig(variant=variant, num_blocks=2)
     config = transformer_config(mtp_num_layers=1, mtp_loss_scaling_factor=0.5)
@@ -379,11 +380,13 @@ def test_multi_token_prediction_on_a_routed_decoder(variant):
         return DeltaGPTModel(config=config, delta=delta, transformer_layer_spec=get_gpt_delta_decoder_block_spec(
             delta, config, normalization="RMSNorm"), vocab_size=VOCAB, max_sequence_length=SEQ,
             position_embedding_type="rope",
-            mtp_block_spec=get_gpt_mtp_block_spec(config, mtp_layer_spec, use_transformer_engine=False)).to(DEVICE)
+            mtp_block_spec=get_gpt_delta_mtp_block_spec(config, mtp_layer_spec)).to(DEVICE)
 
     with_mtp = model(plain_layer)
     # (0.16 calls the MTP layer's transformer layer `transformer_layer`, 0.19 `mtp_model_layer`.)
     assert [type(m) for m in with_mtp.mtp.modules() if isinstance(m, TransformerLayer)] == [TransformerLayer]
+    mtp_layer = with_mtp.mtp.layers[0]
+    assert all(type(norm) is torch.nn.RMSNorm for norm in (mtp_layer.enorm, mtp_layer.hnorm, mtp_layer.final_layernorm))
     tokens, position_ids = batch()
     with_mtp(tokens, position_ids, None, labels=tokens).mean().backward()
     grads = {n: p.grad.abs().max().item() for n, p in with_mtp.named_parameters()}

@@ -62,9 +62,11 @@ MOE_CASES = [
 ]
 
 # Multi-token prediction (one MTP layer, Megatron's, on the last pipeline stage, which then holds
-# its own copy of the embedding): the compared loss includes the weighted MTP loss.
+# its own copy of the embedding; under SP its norms are the local backend's): the compared loss
+# includes the weighted MTP loss.
 MTP_CASES = [
     pytest.param(Mesh(pp=2), Problem(variant="delta", mtp=1), id="mtp_pp2-delta"),
+    pytest.param(Mesh(tp=2, sp=True), Problem(variant="delta_block", mtp=1), id="mtp_tp2_sp-delta_block"),
     pytest.param(Mesh(pp=2, vpp=2), Problem(variant="delta_block", mtp=1), id="mtp_pp2_vpp2-delta_block"),
 ]
 
