@@ -20,6 +20,9 @@ What changed between those releases that touches megatron-delta, and where it is
     0.17  the MoE aux-loss tracker moves to moe_logging.MoEMetricsTracker (0.16: a dict in
           moe_utils); megatron-core 0.16 also references TE's te_general_gemm without TE (cpu_shim
           defines it): moe_aux_losses() / clear_moe_aux_losses().
+    0.19  with calculate_per_token_loss the MoE router pre-multiplies its aux / z loss by its local
+          token count x the TP size (0.16: without the TP size, which under sequence parallelism
+          left their gradients 1/TP too small): moe_loss_coeff_scale().
     0.17  GPTModel.sharded_state_dict of a pipeline stage with the MTP block reads
           metadata["dp_cp_group"] without filling it in (0.16; fixed later): DeltaGPTModel
           passes sharded_state_dict_metadata(metadata).
@@ -137,3 +140,18 @@ def sharded_state_dict_metadata(metadata):
     from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
     return ensure_metadata_has_dp_cp_group(metadata)
+
+
+def moe_loss_coeff_scale(tensor_model_parallel_size: int, sequence_parallel: bool) -> int:
+    """The factor on moe_aux_loss_coeff and moe_z_loss_coeff that gives their gradients the
+    intended weight under calculate_per_token_loss (1 / (micro-batches x DP), as without it).
+    finalize_model_grads divides every gradient by the global token count; the router cancels
+    that by pre-multiplying its losses by its own token count, which sequence parallelism divides
+    by the TP size. Releases with the fix also multiply by the TP size; for the others (0.16)
+    the coefficient carries it. The logged losses are unweighted and do not change."""
+    if tensor_model_parallel_size == 1 or not sequence_parallel:
+        return 1
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    fixed = "tp_cp_group.size()" in inspect.getsource(TopKRouter.attach_and_log_load_balancing_loss)
+    return 1 if fixed else tensor_model_parallel_size

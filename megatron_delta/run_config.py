@@ -519,16 +519,20 @@ def build_transformer_config(cfg: RunConfig, on_gpu: bool):
 
 def _moe_fields(cfg: RunConfig) -> dict:
     """The MoE and MTP fields of the TransformerConfig (none for a dense model)."""
+    from megatron_delta import compat
+
     m, p = cfg.model, cfg.parallel
     fields = {"mtp_num_layers": m.mtp_num_layers}
     if not m.num_moe_experts:
         return fields
+    scale = compat.moe_loss_coeff_scale(p.tensor_model_parallel_size, p.sequence_parallel)
     return {
         **fields, "num_moe_experts": m.num_moe_experts, "moe_router_topk": m.moe_router_topk,
         "moe_ffn_hidden_size": m.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size,
         "moe_shared_expert_intermediate_size": m.moe_shared_expert_intermediate_size,
         "moe_layer_freq": m.moe_layer_freq, "moe_router_load_balancing_type": m.moe_router_load_balancing_type,
-        "moe_aux_loss_coeff": m.moe_aux_loss_coeff, "moe_z_loss_coeff": m.moe_z_loss_coeff,
+        "moe_aux_loss_coeff": m.moe_aux_loss_coeff * scale,
+        "moe_z_loss_coeff": m.moe_z_loss_coeff and m.moe_z_loss_coeff * scale,
         "moe_router_score_function": m.moe_router_score_function,
         "moe_router_enable_expert_bias": m.moe_router_enable_expert_bias,
         "moe_router_bias_update_rate": m.moe_router_bias_update_rate, "moe_grouped_gemm": m.moe_grouped_gemm,
