@@ -264,7 +264,7 @@ def trained_checkpoint(hf_dir: str, delta: DeltaResidualConfig, path: str):
     hf_config = convert.read_hf_config(hf_dir)
     model_cfg = convert.model_config_from_hf(hf_config)
     model = convert.build_model(model_cfg, delta, convert.transformer_config_from_hf(hf_config))
-    convert._load_into(model, convert.hf_to_megatron(convert.read_hf_weights(hf_dir),
+    convert.load_weights_into(model, convert.hf_to_megatron(convert.read_hf_weights(hf_dir),
                                                     convert.WeightLayout.of(model_cfg, hf_config["vocab_size"])))
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -364,7 +364,7 @@ def test_from_scratch_model_section_gives_a_hf_config_and_back():
         hf_config = convert.hf_config_from_model(model, vocab_size=258, eos_token_id=256)
         assert hf_config["model_type"] == ("qwen3" if qk else "llama")
         back = convert.model_config_from_hf(hf_config)
-        assert convert._architecture(back) == convert._architecture(model) and back.norm_epsilon == 1e-6
+        assert convert.architecture(back) == convert.architecture(model) and back.norm_epsilon == 1e-6
     for field, value in [("normalization", "LayerNorm"), ("activation", "gelu"),
                          ("position_embedding_type", "learned_absolute"), ("add_bias_linear", True)]:
         with pytest.raises(convert.ConvertError, match=f"model.{field}="):
