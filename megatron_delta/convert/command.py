@@ -94,8 +94,3 @@ def main(argv=None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":  # through the CLI, which checks the megatron-core release first
-    from megatron_delta import cli
-
-    sys.exit(cli.main(["convert", *sys.argv[1:]]))
