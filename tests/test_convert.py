@@ -9,7 +9,8 @@ untied) are built with `transformers` from a config and saved locally: nothing i
   the real vocabulary and the HF loss (with the zero logits of the padded classes), for standard,
   delta and delta_block; opening the gates changes them (the parity is not vacuous).
 - TP=2 x PP=2: four real processes over gloo (torchrun) load the same checkpoint (converted in
-  one process: dist_checkpointing reshards at load) and run Megatron's pipeline schedule.
+  one process: dist_checkpointing reshards at load; Qwen3-MoE's experts split over TP too) and run
+  Megatron's pipeline schedule.
 - export -> import and import -> export are exact (bit-equal tensors), routing parameters included.
 - The exported directory runs in transformers (trust_remote_code, our modeling_delta.py) for every
   routed variant, Qwen3 and Llama: its logits equal the Megatron model's and its greedy
@@ -468,7 +469,7 @@ def test_tp2_pp2_mesh_loads_the_one_process_checkpoint(hf_models, tmp_path):
     """Converted once, in one process; loaded by 4 torchrun ranks (TP=2 x PP=2) whose pipeline
     schedule (forward_only, seq_length=pipeline_seq_length) gives the HF logits and loss."""
     cases = []
-    for name, variant in (("qwen3", "delta_block"), ("llama", "delta")):
+    for name, variant in (("qwen3", "delta_block"), ("llama", "delta"), ("qwen3_moe", "delta_block")):
         checkpoint = str(tmp_path / f"{name}_{variant}")
         convert.import_hf(hf_models[name], checkpoint, DeltaResidualConfig(variant, 2, init="identity"),
                           tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
