@@ -337,14 +337,15 @@ ROUTED_MODEL_TYPES = {model_type: family for family, (model_type, _, _) in hf_mo
 
 def family_of(model: ModelConfig) -> str:
     """The Hugging Face family of a model section: Qwen3-MoE with experts, Qwen3 with q/k norms, else Llama."""
-    if model.num_moe_experts:
-        return "qwen3_moe"
-    return "qwen3" if model.qk_layernorm else "llama"
+    return _family(bool(model.num_moe_experts), model.qk_layernorm)
+
+
+def _family(moe: bool, qk_layernorm: bool) -> str:
+    return "qwen3_moe" if moe else "qwen3" if qk_layernorm else "llama"
 
 
 def adapter_for(layout: WeightLayout) -> LlamaAdapter:
-    family = "qwen3_moe" if layout.num_experts else "qwen3" if layout.qk_layernorm else "llama"
-    return ADAPTERS[family](layout)
+    return ADAPTERS[_family(bool(layout.num_experts), layout.qk_layernorm)](layout)
 
 
 def hf_to_megatron(hf: dict, layout: WeightLayout) -> dict:
