@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # many intra-op threads are slower on small CPU hosts
     from megatron_delta.checkpointing import CheckpointError
+    from megatron_delta.mesh import MeshError
 
     try:
         if args.command == "import":
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
             written = export_hf(args.checkpoint, args.output, args.hf_dir, _delta_from_args(args), args.dtype,
                                 args.max_shard_size)
             print(f"wrote {args.output}: {', '.join(written)}")
-    except (ConvertError, RunConfigError, OSError, CheckpointError) as e:
+    except (ConvertError, RunConfigError, OSError, CheckpointError, MeshError) as e:
         print(f"megatron-delta convert: error: {e}", file=sys.stderr)
         return 2
     return 0

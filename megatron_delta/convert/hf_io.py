@@ -49,6 +49,7 @@ import shutil
 import torch
 
 from megatron_delta import hf as hf_model_code
+from megatron_delta import mesh
 from megatron_delta.config import DeltaResidualConfig
 from megatron_delta.convert.adapters import (
     ConvertError,
@@ -150,46 +151,11 @@ def write_hf_weights(tensors: dict, hf_dir: str, max_shard_size: str = "5GB") ->
 # The one-process model
 
 
-@contextlib.contextmanager
-def one_process_mesh():
-    """A torch.distributed world of one (gloo) and a TP=1, PP=1 Megatron mesh, unless the caller
-    already has them; whatever is started here is torn down on exit."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    started_group = not dist.is_initialized()
-    if started_group:
-        if not torch.cuda.is_available():
-            from megatron_delta import cpu_shim
-
-            cpu_shim.install()
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    started_mesh = not parallel_state.model_parallel_is_initialized()
-    try:
-        one_process = dist.get_world_size() == 1 and (started_mesh or (
-            parallel_state.get_tensor_model_parallel_world_size() == 1
-            and parallel_state.get_pipeline_model_parallel_world_size() == 1
-        ))
-        if not one_process:
-            raise ConvertError("conversion runs in one process (TP=1, PP=1); run it without torchrun")
-        if started_mesh:
-            parallel_state.initialize_model_parallel(1, 1)
-        yield
-    finally:
-        if started_mesh and parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
-        if started_group:
-            dist.destroy_process_group()
-
-
 def build_model(model: ModelConfig, delta: DeltaResidualConfig, config, seed: int = 1234,
                 pre_process: bool = True, post_process: bool = True, vp_stage=None):
     """The DeltaGPTModel (chunk) that `model` + `delta` describe, as megatron_delta.train builds it
     (without the DDP / Float16Module wrappers)."""
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
+    mesh.set_seeds(seed)
     return build_model_chunk(RunConfig(model=model, delta=delta), config, model.vocab_size, vp_stage=vp_stage,
                              backend="local", pre_process=pre_process, post_process=post_process)
 
@@ -279,7 +245,7 @@ def import_hf(hf_dir: str, output: str, delta: DeltaResidualConfig | None = None
                            "virtual_pipeline_model_parallel_size": virtual_pipeline_model_parallel_size},
         "hf_config": hf_config,
     }
-    with _staged_output(output) as tmp, one_process_mesh():
+    with _staged_output(output) as tmp, mesh.one_process():
         model = build_model(model_cfg, delta, transformer_config_from_hf(
             hf_config, make_vocab_size_divisible_by=make_vocab_size_divisible_by), seed=seed)
         load_weights_into(model, state)
@@ -401,7 +367,7 @@ def export_hf(checkpoint: str, output: str, hf_dir: str | None = None, delta: De
         return tensor.to(dtype=to_dtype, memory_format=torch.contiguous_format, copy=True)
 
     with _staged_output(output) as tmp:
-        with one_process_mesh():
+        with mesh.one_process():
             model = build_model(model_cfg, delta, transformer_config_from_hf(hf_config))
             loaded = checkpointing.load({"model": model.sharded_state_dict()}, checkpoint)
             model.load_state_dict(loaded["model"])
