@@ -232,7 +232,7 @@ def test_mtp_trains_and_its_checkpoint_resumes_on_a_pipeline_mesh(data_dir, tmp_
     mtp = ["model.mtp_num_layers=1"]
     ref_dir, pp_dir = str(tmp_path / "one_process"), str(tmp_path / "pp2")
     out = launch(ref_dir, data_dir, [*mtp, "checkpoint.save_interval=4", "checkpoint.save_on_exit=false"])
-    assert "mtp loss" in [line for line in out.splitlines() if line.startswith("step ")][-1]
+    assert "mtp_loss" in [line for line in out.splitlines() if line.startswith("step ")][-1]
     ref = metrics(ref_dir)
     assert ref[8]["loss"] < ref[1]["loss"] - 0.5 and ref[8]["mtp_loss"] < ref[1]["mtp_loss"] - 0.5
     step4 = os.path.join(ref_dir, "checkpoints", "iter_0000004")
