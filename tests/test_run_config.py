@@ -213,6 +213,7 @@ def test_vocab_padding_does_not_depend_on_the_mesh():
 
 
 def test_moe_fields_reach_megatron_under_their_names():
+    from megatron_delta import compat
     from megatron_delta.run_config import build_transformer_config
 
     cfg = load_run_config(TINY_MOE, ["parallel.expert_model_parallel_size=2", "parallel.tensor_model_parallel_size=2",
@@ -220,8 +221,14 @@ def test_moe_fields_reach_megatron_under_their_names():
                                      "model.moe_layer_freq=[1, 0, 1, 0]", "model.moe_z_loss_coeff=1e-3"])
     cfg.validate(world_size=4)
     tc = build_transformer_config(cfg, on_gpu=False)
+    # TP2 x SP: megatron-core 0.16's router leaves the TP size out of its per-token loss scaling,
+    # so the coefficients carry it there (the mesh suite checks the resulting gradients).
+    scale = 2 if compat.MEGATRON_CORE_VERSION < (0, 19, 0) else 1
+    assert scale == compat.moe_loss_coeff_scale(2, sequence_parallel=True)
+    assert compat.moe_loss_coeff_scale(2, sequence_parallel=False) == compat.moe_loss_coeff_scale(1, True) == 1
     assert (tc.num_moe_experts, tc.moe_router_topk, tc.moe_ffn_hidden_size, tc.moe_shared_expert_intermediate_size,
-            tc.moe_layer_freq, tc.moe_aux_loss_coeff, tc.moe_z_loss_coeff) == (4, 2, 192, 192, [1, 0, 1, 0], 1e-2, 1e-3)
+            tc.moe_layer_freq) == (4, 2, 192, 192, [1, 0, 1, 0])
+    assert (tc.moe_aux_loss_coeff, tc.moe_z_loss_coeff) == pytest.approx((1e-2 * scale, 1e-3 * scale))
     assert (tc.expert_model_parallel_size, tc.expert_tensor_parallel_size, tc.moe_token_dispatcher_type) == (
         2, 1, "alltoall")
     dense = build_transformer_config(load_run_config(TINY), on_gpu=False)
