@@ -302,12 +302,15 @@ def _placeholder():
 
 
 def _walk_stream(block, delta, recompute_groups):
-    """Which residual-stream tensors backward keeps, found by running the stage's bookkeeping on
-    placeholders: DepthState for routed models, the plain residual stream for the standard one.
+    """Which residual-stream tensors backward keeps, found by walking the stage through the
+    model's own bookkeeping on placeholders: the block's entry state (transport.unpack) and layer
+    groups, each layer's `advance` (DepthState: sublayer order, block closing), the hand-off to the
+    rank's next chunk and the final router. The standard model keeps its plain residual stream.
 
     Returns ({"layer inputs": n, "sources": n} stream tensors created on this chunk and kept (the
     received ones live in the pipeline message), K of every kept route() call, K of every
     recomputed route() call per recompute group)."""
+    from megatron_delta import transport
     from megatron_delta.state import DepthState
 
     # id -> (tensor, kind); holding the placeholders keeps their ids from being reused.
@@ -319,46 +322,42 @@ def _walk_stream(block, delta, recompute_groups):
                 kept[id(t)] = (t, kind)
 
     if not delta.routed:
-        x = _placeholder()
-        if not block.pre_process:
-            received[id(x)] = x
-    elif block.pre_process:
+        return _walk_plain_stream(block, recompute_groups)
+    if block.pre_process:
         state = DepthState.start(block.rules, _placeholder())
     else:
-        layout = block.boundary_in.layout
-        state = DepthState.from_tensors(block.rules, layout, [_placeholder() for _ in range(layout.num_tensors)])
+        boundary, slots = block.boundary_in, block.pipeline_slots
+        state = transport.unpack(torch.empty(slots, device="meta"), block.rules, boundary, slots,
+                                 [_placeholder() for _ in range(boundary.kept)])
         received.update((id(t), t) for t in state.tensors())
 
     calls, recomputed = [], []
     for start, end, recompute in recompute_groups:
         group_calls = []
         if recompute:  # the checkpoint keeps its tensor inputs: the state entering the group
-            keep("layer inputs", *(state.tensors() if delta.routed else [x]))
+            keep("layer inputs", *state.tensors())
+
+        def sublayer(state, index):
+            """A sublayer's route() over state.route_sources() and its output v."""
+            sources = state.route_sources()
+            (group_calls if recompute else calls).append(len(sources))
+            if not recompute:
+                keep("sources", *sources)
+                keep("layer inputs", _placeholder())  # h = x + r (or r): the pre-norm's input
+            return _placeholder()
+
         for layer in block.layers[start:end]:
-            for _ in ("attention", "mlp"):
-                if not delta.routed:
-                    if not recompute:
-                        keep("layer inputs", x)  # the pre-norm's input
-                    x = _placeholder()  # x + v
-                    continue
-                sources = state.route_sources()
-                (group_calls if recompute else calls).append(len(sources))
-                if not recompute:
-                    keep("sources", *sources)
-                    keep("layer inputs", _placeholder())  # h = x + r (or r): the pre-norm's input
-                state = state.add_output(_placeholder())
-            if delta.routed and layer.ends_block:
-                state = state.close_block()
+            state = layer.advance(state, sublayer)
         if recompute:
             recomputed.append(group_calls)
-    if delta.routed and block.keeps_sources:  # held for the rank's next chunk until this one's backward
+    if block.keeps_sources:  # held for the rank's next chunk until this one's backward
         keep("sources", *state.sources)
-    if delta.routed and getattr(block, "final_router", None) is not None:
+    if block.final_router is not None:
         calls.append(len(state.sources))
         keep("sources", *state.sources)
         keep("layer inputs", _placeholder())  # the final norm's input r
     elif block.post_process:
-        keep("layer inputs", state.hidden if delta.routed else x)  # the final norm's input x
+        keep("layer inputs", state.hidden)  # the final norm's input x
     counts = {"layer inputs": 0, "sources": 0}
     for key, (_, kind) in kept.items():
         if key not in received:
@@ -366,12 +365,23 @@ def _walk_stream(block, delta, recompute_groups):
     return counts, calls, recomputed
 
 
+def _walk_plain_stream(block, recompute_groups):
+    """_walk_stream for the standard model (Megatron's TransformerBlock): the input of every
+    pre-norm outside recomputed groups, the input of every recomputed group and the final norm's
+    input, less the received stream."""
+    kept = sum(1 if recompute else 2 * (end - start) for start, end, recompute in recompute_groups)
+    kept += 1 if block.post_process else 0
+    kept -= 0 if block.pre_process else 1  # the first of them is the received message
+    return {"layer inputs": kept, "sources": 0}, [], [[] for *_, recompute in recompute_groups if recompute]
+
+
 def _layer_groups(block):
     """(start, end, recompute) over the chunk's layers: DeltaTransformerBlock's split, which is
-    also how Megatron's TransformerBlock groups layers for full recompute."""
+    also how Megatron's TransformerBlock (the standard model's decoder) groups layers for full
+    recompute."""
     from megatron_delta.block import DeltaTransformerBlock
 
-    return DeltaTransformerBlock._layer_groups(block)
+    return DeltaTransformerBlock.layer_groups(block)
 
 
 def chunk_activations(chunk, delta, model: ActivationModel, slots: int) -> tuple[dict, int]:
@@ -403,7 +413,7 @@ def chunk_activations(chunk, delta, model: ActivationModel, slots: int) -> tuple
     # delta_block routes the sublayers of a block (as far as it lies in one layer group) in one
     # pass: their routed terms exist together while the block's layers run.
     routed_ahead = max([2 * len(run) * model.stream_bytes for start, end, _ in groups
-                        for run in block._routing_runs(block.layers[start:end])],
+                        for run in block.routing_runs(block.layers[start:end])],
                        default=0) if delta.block_sources_fixed else 0
     return parts, max(recompute_peak, routed_ahead)
 
