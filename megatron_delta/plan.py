@@ -47,6 +47,7 @@ fragmentation, DDP bucket padding, gradients of activations during backward.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import json
@@ -56,7 +57,7 @@ import torch
 
 from megatron_delta.config import DeltaConfigError
 from megatron_delta.data import DataError, build_tokenizer
-from megatron_delta.parameters import count_parameters
+from megatron_delta.parameters import count_parameters, is_expert_parameter
 from megatron_delta.run_config import RunConfig, RunConfigError, build_model_chunk, build_transformer_config
 from megatron_delta.run_config import load_run_config, padded_vocab_size
 
@@ -72,15 +73,19 @@ class StagePlan:
     layers: list  # [(first, last)] 1-based global layer numbers, one pair per model chunk
     params: int
     routing_params: int
+    expert_params: int  # of `params`: this rank's share of the experts (its EP rank's, ETP-split)
     weight_bytes: int
     grad_bytes: int
     optimizer_bytes: int
+    expert_optimizer_bytes: int  # of `optimizer_bytes`: the expert parameters' share
     activation_parts: dict  # per micro-batch, summed over the rank's chunks: part -> bytes
     activation_bytes_per_microbatch: int
     microbatches_in_flight: int  # model-chunk micro-batches at the peak
     activation_bytes: int  # at the peak of the schedule
     transient_bytes: int  # one-off buffers on top of the held activations (see _transient_bytes)
     send_bytes_per_microbatch: int  # forward message to the next stage (0 on the last)
+    moe_layers: int
+    moe_collective_bytes: dict  # per micro-batch, all MoE layers: "forward"/"backward" -> collective -> bytes
     total_bytes: int
     fits: bool
 
@@ -96,6 +101,10 @@ class Plan:
     dp: int
     sequence_parallel: bool
     distributed_optimizer: bool
+    ep: int
+    etp: int
+    expert_dp: int  # the expert-data-parallel group the distributed optimizer shards experts over
+    dispatcher: str | None
     num_microbatches: int
     micro_batch_size: int
     seq_length: int
@@ -105,6 +114,7 @@ class Plan:
     vocab_size: int
     total_params: int
     routing_params: int
+    expert_params: int  # of total_params
     gpu_memory_bytes: int
     reserve_bytes: int
     stages: list
@@ -121,19 +131,24 @@ class Plan:
 @contextlib.contextmanager
 def _as_pipeline_rank(config, pp_rank: int):
     """A one-process torch.distributed world ("fake" backend: groups of the real sizes, no
-    communication) in which this process is TP rank 0 of pipeline rank `pp_rank`, with Megatron's
-    parallel_state initialised on it. Data parallelism does not change a model, so the world is
-    TP x PP."""
+    communication) in which this process is TP rank 0 (and expert-parallel rank 0) of pipeline rank
+    `pp_rank`, with Megatron's parallel_state initialised on it. Data parallelism does not change a
+    model, so a stage has the fewest ranks that hold both a TP group and an EP x expert-TP group."""
+    import math
+
     from megatron.core import parallel_state
 
     tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+    ep, etp = config.expert_model_parallel_size, config.expert_tensor_parallel_size or tp
+    stage = math.lcm(tp, ep * etp)
     if torch.distributed.is_initialized():
         raise RuntimeError("megatron-delta plan builds its own one-process world; run it in a fresh process "
                            "(torch.distributed is already initialised here)")
-    torch.distributed.init_process_group("fake", rank=pp_rank * tp, world_size=tp * pp)
+    torch.distributed.init_process_group("fake", rank=pp_rank * stage, world_size=stage * pp)
     try:
         parallel_state.initialize_model_parallel(
-            tp, pp, config.virtual_pipeline_model_parallel_size, create_gloo_process_groups=False
+            tp, pp, config.virtual_pipeline_model_parallel_size, create_gloo_process_groups=False,
+            expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
         )
         yield
     finally:
@@ -152,6 +167,10 @@ def _build_chunks(cfg: RunConfig, config, vocab_size: int) -> list:
     # gradient later), which a meta tensor cannot take part in; nothing it does changes a count.
     groups = ProcessGroupCollection.use_mpu_process_groups()
     groups.embd = None
+    # Token dispatchers hold no parameters; the alltoall one makes CUDA streams when built, which
+    # a planning host may not have.
+    if config.num_moe_experts:
+        config = dataclasses.replace(config, moe_token_dispatcher_type="allgather")
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -265,10 +284,28 @@ class ActivationModel:
         # also keeps silu(a) and the `b + glu_linear_offset` copy.
         return (3 if c.bias_activation_fusion else 5) * width
 
-    def layer(self) -> int:
+    def moe_mlp(self) -> int:
+        """An MoE MLP (estimate, routing-dependent; not measured): the router's fp32 scores and
+        probabilities [tokens, experts] and top-k indices, the experts' MLPs on the tokens this
+        rank's experts receive when routing is balanced (tokens x topk x expert TP, each expert's
+        input kept, probabilities applied to its output), and the shared expert's dense MLP."""
+        s, c = self.s, self.config
+        if c.recompute_granularity == "selective" and "mlp" in c.recompute_modules:
+            return 0
+        router = s.sp_tokens * (2 * c.num_moe_experts * FP32 + c.moe_router_topk * 8)
+        routed = s.sp_tokens * c.moe_router_topk * c.expert_tensor_parallel_size
+        width = routed * (c.moe_ffn_hidden_size // c.expert_tensor_parallel_size) * s.elem
+        experts = (3 if c.gated_linear_unit and c.bias_activation_fusion else 5 if c.gated_linear_unit else 2) * width
+        experts += 2 * routed * s.hidden * s.elem + routed * s.elem  # expert inputs, outputs x probs
+        shared = c.moe_shared_expert_intermediate_size or 0
+        shared_mlp = self.mlp() * shared // c.ffn_hidden_size if shared else 0
+        return router + experts + shared_mlp
+
+    def layer(self, moe: bool = False) -> int:
         """One layer's own tensors, without its stream inputs and routing."""
         dropout = 2 * self.s.sp_tokens * self.s.hidden if self.config.hidden_dropout > 0 else 0
-        return 2 * self.norm_and_linear_input() + self.attention() + self.mlp() + dropout
+        mlp = self.moe_mlp() if moe else self.mlp()
+        return 2 * self.norm_and_linear_input() + self.attention() + mlp + dropout
 
     def routing_call(self, num_sources: int, gated: bool) -> int:
         """What one route() call over `num_sources` sources keeps besides the sources."""
@@ -295,6 +332,48 @@ class ActivationModel:
         [tokens, vocab / tp], target mask (bool) and masked targets (int64)."""
         s = self.s
         return self.norm_and_linear_input() + s.tokens * s.vocab * FP32 + s.tokens * (1 + 8)
+
+
+def moe_collective_bytes(config, s: _Shapes) -> dict:
+    """What one MoE layer's token dispatcher hands to collectives on one rank per micro-batch,
+    {"forward" | "backward": {collective: bytes}}: the output buffer of an all-gather, the input
+    of a reduce-scatter and of an all-to-all (what crosses the network is (n - 1) / n of that in a
+    group of n). The tokens a rank *receives* in an all-to-all depend on the routing: counted as
+    balanced (dropless routing: over the EP group, received = sent = tokens x topk), which is the
+    mean over ranks; everything else is exact.
+
+    allgather (group: EP x expert TP, n ranks): forward all-gathers the routing map (bool), the
+    probabilities and the tokens, and reduce-scatters the experts' output (in the probabilities'
+    dtype); backward reduce-scatters the token and probability gradients and all-gathers the
+    output's gradient.
+    alltoall: forward all-gathers the tokens-per-expert counts (int64) over EP x expert TP, sends
+    the permuted tokens (tokens x topk rows) and their probabilities to the experts' EP ranks and
+    the experts' output back; backward sends the three gradients the other way. With expert TP > 1
+    the received tokens and probabilities are also all-gathered, and the output reduce-scattered,
+    over expert TP."""
+    ep, etp = config.expert_model_parallel_size, config.expert_tensor_parallel_size
+    n = ep * etp
+    forward, backward = collections.Counter(), collections.Counter()
+    if n == 1:
+        return {"forward": {}, "backward": {}}
+    tokens, h, e, experts, k = s.sp_tokens, s.hidden, s.elem, config.num_moe_experts, config.moe_router_topk
+    pe = {"fp32": 4, "fp64": 8}.get(config.moe_router_dtype, e)  # the router's output dtype
+    if config.moe_token_dispatcher_type == "allgather":
+        forward["all-gather"] += n * tokens * (experts * (1 + pe) + h * e)
+        forward["reduce-scatter"] += n * tokens * h * pe
+        backward["reduce-scatter"] += n * tokens * (h * e + experts * pe)
+        backward["all-gather"] += n * tokens * h * pe
+    else:
+        routed = tokens * k
+        forward["all-gather"] += n * experts * 8
+        forward["all-to-all"] += routed * (2 * h * e + pe)
+        backward["all-to-all"] += routed * (2 * h * e + pe)
+        if etp > 1:
+            forward["all-gather"] += etp * routed * (h * e + pe)
+            forward["reduce-scatter"] += etp * routed * h * pe
+            backward["reduce-scatter"] += etp * routed * (h * e + pe)
+            backward["all-gather"] += etp * routed * h * pe
+    return {"forward": dict(forward), "backward": dict(backward)}
 
 
 def _placeholder():
@@ -384,6 +463,12 @@ def _layer_groups(block):
     return DeltaTransformerBlock.layer_groups(block)
 
 
+def is_moe_layer(layer) -> bool:
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    return isinstance(layer.mlp, MoELayer)
+
+
 def chunk_activations(chunk, delta, model: ActivationModel, slots: int) -> tuple[dict, int]:
     """({part: bytes} held per micro-batch, the largest one-off buffer: a recomputed layer group or
     a block's routed terms) of one chunk."""
@@ -393,8 +478,13 @@ def chunk_activations(chunk, delta, model: ActivationModel, slots: int) -> tuple
     kept_layers = sum(end - start for start, end, recompute in groups if not recompute)
     gated = delta.has_gate
     s = model.s
+
+    def layers(start, end):
+        return sum(model.layer(moe=is_moe_layer(layer)) for layer in block.layers[start:end])
+
     parts = {
-        "layers": kept_layers * model.layer() + (model.attention_mask() if kept_layers else 0),
+        "layers": sum(layers(start, end) for start, end, recompute in groups if not recompute)
+                  + (model.attention_mask() if kept_layers else 0),
         "layer inputs": kept_stream["layer inputs"] * model.stream_bytes,
         "sources": kept_stream["sources"] * model.stream_bytes,
         "routing": sum(model.routing_call(k, gated) for k in calls),
@@ -405,7 +495,7 @@ def chunk_activations(chunk, delta, model: ActivationModel, slots: int) -> tuple
     # Backward of a recomputed group runs its forward again: its layers' tensors, one group at a time.
     recomputed_groups = [(start, end) for start, end, recompute in groups if recompute]
     recompute_peak = max(
-        [(end - start) * (model.layer() + 2 * model.stream_bytes) + model.attention_mask()
+        [layers(start, end) + (end - start) * 2 * model.stream_bytes + model.attention_mask()
          + sum(model.routing_call(k, gated) for k in group_calls)
          for (start, end), group_calls in zip(recomputed_groups, recomputed)],
         default=0,
@@ -475,16 +565,25 @@ def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_memory_gb: flo
     mixed = config.bf16 or config.fp16
     weight_per_param = _bytes(config.params_dtype)
     grad_per_param = FP32 if mixed else weight_per_param
-    optimizer_per_param = (3 if mixed else 2) * FP32 / (dp if cfg.parallel.use_distributed_optimizer else 1)
+    ep, etp = config.expert_model_parallel_size, config.expert_tensor_parallel_size
+    # Megatron's expert mesh: EP x expert TP x PP, the rest is the expert-data-parallel group, over
+    # which the distributed optimizer shards expert parameters (dense ones: over DP).
+    expert_dp = world // (pp * ep * etp)
+    sharded = cfg.parallel.use_distributed_optimizer
+    optimizer_per_param = (3 if mixed else 2) * FP32
+    moe_layer_bytes = moe_collective_bytes(config, shapes) if config.num_moe_experts else None
 
-    stages, total_params, routing_params = [], 0, 0
+    stages, total_params, routing_params, total_expert_params = [], 0, 0, 0
     for pp_rank in range(pp):
         with _as_pipeline_rank(config, pp_rank):
             chunks = _build_chunks(cfg, config, vocab)
             params = sum(p.numel() for c in chunks for p in c.parameters())
-            stage_total, routing = count_parameters(chunks, tp)
+            expert_params = sum(p.numel() for c in chunks for p in c.parameters() if is_expert_parameter(p))
+            stage_total, routing, stage_experts = count_parameters(chunks, tp, ep, etp)
             total_params += stage_total
+            total_expert_params += stage_experts
             routing_params += routing
+            moe_layers = sum(is_moe_layer(layer) for c in chunks for layer in c.decoder.layers)
             per_chunk = [chunk_activations(c, delta, model, slots) for c in chunks]
             chunk_bytes = [sum(parts.values()) for parts, _ in per_chunk]
             peak, in_flight = _in_flight(chunk_bytes, micro, config)
@@ -496,21 +595,28 @@ def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_memory_gb: flo
         transient = max([logits_copy] + [r for _, r in per_chunk])
         sends = [b["sent_bytes"] for i, b in enumerate(boundaries) if i % pp == pp_rank]
         weights, grads = params * weight_per_param, params * grad_per_param
-        optimizer = int(params * optimizer_per_param)
+        dense_optimizer = (params - expert_params) * optimizer_per_param // (dp if sharded else 1)
+        expert_optimizer = expert_params * optimizer_per_param // (expert_dp if sharded else 1)
+        optimizer = dense_optimizer + expert_optimizer
+        collectives = {direction: {name: moe_layers * n for name, n in per_layer.items()}
+                       for direction, per_layer in (moe_layer_bytes or {}).items()}
         total = weights + grads + optimizer + peak + transient
         stages.append(StagePlan(
-            pp_rank=pp_rank, layers=layers, params=params, routing_params=routing, weight_bytes=weights,
-            grad_bytes=grads, optimizer_bytes=optimizer, activation_parts=parts,
+            pp_rank=pp_rank, layers=layers, params=params, routing_params=routing, expert_params=expert_params,
+            weight_bytes=weights, grad_bytes=grads, optimizer_bytes=optimizer, expert_optimizer_bytes=expert_optimizer,
+            activation_parts=parts,
             activation_bytes_per_microbatch=sum(chunk_bytes), microbatches_in_flight=in_flight,
             activation_bytes=peak, transient_bytes=transient, send_bytes_per_microbatch=max(sends, default=0),
-            total_bytes=total, fits=total <= (gpu_memory_gb - reserve_gb) * GiB,
+            moe_layers=moe_layers, moe_collective_bytes=collectives, total_bytes=total, fits=total <= (gpu_memory_gb - reserve_gb) * GiB,
         ))
     return Plan(
         config_path=config_path, nodes=nodes, gpus_per_node=gpus_per_node, tp=tp, pp=pp, vpp=vpp, dp=dp,
         sequence_parallel=config.sequence_parallel, distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        ep=ep, etp=etp, expert_dp=expert_dp,
+        dispatcher=config.moe_token_dispatcher_type if config.num_moe_experts else None,
         num_microbatches=micro, micro_batch_size=t.micro_batch_size, seq_length=cfg.model.seq_length,
         precision=t.precision if on_gpu else "fp32", backend=cfg.model.transformer_impl, variant=delta.variant,
-        vocab_size=vocab, total_params=total_params, routing_params=routing_params,
+        vocab_size=vocab, total_params=total_params, routing_params=routing_params, expert_params=total_expert_params,
         gpu_memory_bytes=int(gpu_memory_gb * GiB), reserve_bytes=int(reserve_gb * GiB), stages=stages,
         boundaries=boundaries,
     )
@@ -534,6 +640,18 @@ def _table(header: list, rows: list) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
+def _moe_summary(plan: Plan, m) -> list:
+    """The model line's MoE continuation: experts, MoE layers, expert and active parameters
+    (active: all but the (experts - topk) / experts share of the expert weights a token skips)."""
+    if not plan.dispatcher:
+        return []
+    shared = f", shared expert ffn {m.moe_shared_expert_intermediate_size}" if m.moe_shared_expert_intermediate_size else ""
+    skipped = plan.expert_params * (m.num_moe_experts - m.moe_router_topk) // m.num_moe_experts
+    return [f"        {m.num_moe_experts} experts, top-{m.moe_router_topk}, expert ffn "
+            f"{m.moe_ffn_hidden_size or m.ffn_hidden_size}{shared}, {sum(s.moe_layers for s in plan.stages)} MoE layers: "
+            f"{plan.expert_params:,} expert parameters, {plan.total_params - skipped:,} active per token"]
+
+
 def format_plan(plan: Plan, cfg: RunConfig) -> str:
     m, d = cfg.model, cfg.delta
     schedule = ("no pipeline" if plan.pp == 1 else
@@ -542,12 +660,16 @@ def format_plan(plan: Plan, cfg: RunConfig) -> str:
     layout = (f"TP {plan.tp}{' + SP' if plan.sequence_parallel else ''} x PP {plan.pp}"
               f"{f' (VPP {plan.vpp})' if plan.vpp else ''} x DP {plan.dp}"
               f"{', distributed optimizer' if plan.distributed_optimizer else ''}")
+    if plan.dispatcher:
+        layout += (f"; experts: EP {plan.ep} x expert TP {plan.etp} x expert DP {plan.expert_dp}, "
+                   f"{plan.dispatcher} dispatcher")
     head = [
         f"megatron-delta plan: {plan.config_path or 'config'} on {plan.nodes} node(s) x {plan.gpus_per_node} GPU(s)"
         f" = {plan.nodes * plan.gpus_per_node} ranks, {plan.gpu_memory_bytes / GiB:g} GiB per GPU",
         f"model   {variant}, {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads / "
         f"{m.num_query_groups or m.num_attention_heads} query groups, ffn {m.ffn_hidden_size or 4 * m.hidden_size}, "
         f"vocab {plan.vocab_size:,}: {plan.total_params:,} parameters ({plan.routing_params:,} routing)",
+        *_moe_summary(plan, m),
         f"layout  {layout}; {plan.precision}, {plan.backend}",
         f"batch   micro-batch {plan.micro_batch_size} x {plan.seq_length} tokens, {plan.num_microbatches} "
         f"micro-batch(es) per step and DP rank, {schedule}",
@@ -557,13 +679,15 @@ def format_plan(plan: Plan, cfg: RunConfig) -> str:
     for s in plan.stages:
         layers = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in s.layers)
         rows.append([
-            s.pp_rank, layers, f"{s.params / 1e6:,.1f}M", _gib(s.weight_bytes), _gib(s.grad_bytes),
+            s.pp_rank, layers, f"{s.params / 1e6:,.1f}M",
+            *([f"{s.expert_params / 1e6:,.1f}M"] if plan.dispatcher else []), _gib(s.weight_bytes), _gib(s.grad_bytes),
             _gib(s.optimizer_bytes), _gib(s.activation_bytes_per_microbatch), s.microbatches_in_flight,
             _gib(s.activation_bytes), _gib(s.transient_bytes), _gib(s.total_bytes),
             _mib(s.send_bytes_per_microbatch) if s.send_bytes_per_microbatch else "-",
             "yes" if s.fits else "NO",
         ])
-    memory = _table(["pp rank", "layers", "params", "weights", "grads", "optimizer", "act/µb", "µb in flight",
+    memory = _table(["pp rank", "layers", "params", *(["of which expert"] if plan.dispatcher else []),
+                     "weights", "grads", "optimizer", "act/µb", "µb in flight",
                      "activations", "transient", "total GiB", "sends MiB/µb", "fits"], rows)
     part_names = list(plan.stages[0].activation_parts)
     parts = _table(["pp rank"] + part_names + ["per µb"],
@@ -585,12 +709,32 @@ def format_plan(plan: Plan, cfg: RunConfig) -> str:
         "transient: the fp32 copy of one micro-batch's logits (last stage), one recomputed layer group, or",
         "the routed terms of one block (delta_block routes a block's sublayers in one pass).",
     ]
+    if plan.dispatcher:
+        notes += ["params: on one GPU of the stage (its TP shard of the dense weights, its EP rank's experts, "
+                  "split over expert TP);",
+                  f"optimizer: dense parameters sharded over DP {plan.dp}, expert parameters over expert DP "
+                  f"{plan.expert_dp}." if plan.distributed_optimizer else "optimizer: not sharded.",
+                  "", format_moe_traffic(plan)]
     if plan.boundaries:
         notes.append(f"sends: one [{max(b['tensors'] for b in plan.boundaries)} x s, b, h] message per micro-batch "
                      "forward, and its gradient back (transport.boundary_bytes).")
         notes += ["", "Pipeline traffic per micro-batch and hop, forward (the gradients come back the same size):",
                   format_hops(plan.boundaries)]
     return "\n".join(head + [memory] + notes)
+
+
+def format_moe_traffic(plan: Plan) -> str:
+    """The token dispatcher's collectives per micro-batch on one GPU (moe_collective_bytes)."""
+    columns = [(d, n) for d in ("forward", "backward")
+               for n in sorted({n for s in plan.stages for n in s.moe_collective_bytes.get(d, {})})]
+    rows = [[s.pp_rank, s.moe_layers] + [_mib(s.moe_collective_bytes[d].get(n, 0)) for d, n in columns]
+            for s in plan.stages]
+    header = ["pp rank", "MoE layers"] + [f"{n} {'fwd' if d == 'forward' else 'bwd'}" for d, n in columns]
+    return "\n".join([
+        f"MoE dispatcher traffic per micro-batch and GPU, MiB, all MoE layers of the stage ({plan.dispatcher}):",
+        "all-gather output, reduce-scatter input, all-to-all input (the network carries (n - 1) / n of",
+        "it in a group of n); what an all-to-all rank receives depends on the routing and is counted balanced.",
+        _table(header, rows)])
 
 
 def format_hops(boundaries: list) -> str:

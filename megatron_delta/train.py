@@ -444,7 +444,9 @@ class PreemptionFlag:
 def parameter_count(model: list) -> tuple[int, int]:
     """(all parameters, routing parameters) of the whole model: this rank's counts
     (parameters.count_parameters), summed over pipeline ranks."""
-    counts = count_parameters(model, parallel_state.get_tensor_model_parallel_world_size())
+    counts = count_parameters(model, parallel_state.get_tensor_model_parallel_world_size(),
+                              parallel_state.get_expert_model_parallel_world_size(),
+                              parallel_state.get_expert_tensor_parallel_world_size())
     parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
     torch.distributed.all_gather_object(parts, counts, group=parallel_state.get_pipeline_model_parallel_group())
     return sum(p[0] for p in parts), sum(p[1] for p in parts)

@@ -40,7 +40,7 @@ SMALL = {
     "model": dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=160,
                   seq_length=32, vocab_size=256, transformer_impl="local"),
     "delta": dict(variant="delta_block", num_blocks=2),
-    "training": dict(micro_batch_size=2, global_batch_size=2, train_iters=1, lr_warmup_iters=0, precision="fp32",
+    "training": dict(micro_batch_size=2, global_batch_size=4, train_iters=1, lr_warmup_iters=0, precision="fp32",
                      eval_iters=1),
     "data": dict(blend=None, tokenizer="byte", create_attention_mask=True),
 }
@@ -56,24 +56,45 @@ CASES = {
     "pp2_delta_identity": [PP2, "delta.variant=delta", "delta.init=identity"],
     "pp2_attnres_block": [PP2, "delta.variant=attnres_block"],
     "pp2_standard": [PP2, "delta.variant=standard"],
-    "pp2_vpp2_attnres_full": [PP2, VPP2, "delta.variant=attnres_full", "training.global_batch_size=4"],
+    "pp2_vpp2_attnres_full": [PP2, VPP2, "delta.variant=attnres_full", "training.global_batch_size=8"],
     # Ranks keep sources for their later chunk (held until the earlier chunk's backward).
-    "pp2_vpp2_delta": [PP2, VPP2, "delta.variant=delta", "training.global_batch_size=4"],
-    "pp2_vpp2_delta_block_full_recompute": [PP2, VPP2, "training.global_batch_size=4",
+    "pp2_vpp2_delta": [PP2, VPP2, "delta.variant=delta", "training.global_batch_size=8"],
+    "pp2_vpp2_delta_block_full_recompute": [PP2, VPP2, "training.global_batch_size=8",
                                             "training.recompute_granularity=full",
                                             "training.recompute_method=uniform", "training.recompute_num_layers=1"],
 }
 
 
+# The small model with MoE layers 2-4 (4 experts, top-2, a shared expert), experts on EP 2 of the
+# 4 ranks: dense parameters data-parallel over 4 ranks, experts over 2 (the expert-DP group).
+SMALL_MOE = {
+    **SMALL,
+    "model": {**SMALL["model"], "num_moe_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 96,
+              "moe_shared_expert_intermediate_size": 64, "moe_layer_freq": [0, 1, 1, 1], "moe_aux_loss_coeff": 1e-2},
+    "parallel": {"expert_model_parallel_size": 2, "use_distributed_optimizer": True},
+    "training": {**SMALL["training"], "global_batch_size": 8},
+}
+MOE_CASES = {
+    "dp2_ep2_alltoall": ["parallel.moe_token_dispatcher_type=alltoall"],
+    "dp2_ep2_allgather": ["parallel.moe_token_dispatcher_type=allgather"],
+}
+WORLD = 4
+
+
 # ---------------------------------------------------------------------------------------------
-# The script: `torchrun --nproc_per_node=2 tests/test_plan.py OUT_DIR`
+# The script: `torchrun --nproc_per_node=4 tests/test_plan.py OUT_DIR`
 
 
-def _small_config(tmp_dir):
-    path = os.path.join(tmp_dir, "small.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(SMALL, f)
-    return path
+def _write_configs(tmp_dir):
+    for name, config in (("small.yaml", SMALL), ("small_moe.yaml", SMALL_MOE)):
+        with open(os.path.join(tmp_dir, name), "w") as f:
+            yaml.safe_dump(config, f)
+
+
+def _cases(out_dir):
+    """(name, config path, overrides) of every measured case."""
+    return ([(name, os.path.join(out_dir, "small.yaml"), overrides) for name, overrides in CASES.items()]
+            + [(name, os.path.join(out_dir, "small_moe.yaml"), overrides) for name, overrides in MOE_CASES.items()])
 
 
 def plan_figures(out_dir):
@@ -84,13 +105,12 @@ def plan_figures(out_dir):
     from megatron_delta.plan import main, make_plan
     from megatron_delta.run_config import load_run_config
 
-    small = os.path.join(out_dir, "small.yaml")
     figures = {"recipes": {}, "cases": {}}
     for name, (nodes, gpus) in RECIPES.items():
         plan = make_plan(load_run_config(os.path.join(CONFIGS, name)), nodes, gpus)
         figures["recipes"][name] = json.loads(plan.to_json())
-    for name, overrides in CASES.items():
-        plan = make_plan(load_run_config(small, overrides), 1, 2, on_gpu=False)
+    for name, path, overrides in _cases(out_dir):
+        plan = make_plan(load_run_config(path, overrides), 1, WORLD, on_gpu=False)
         figures["cases"][name] = json.loads(plan.to_json())
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
@@ -101,8 +121,10 @@ def plan_figures(out_dir):
 
 
 def plan_and_measure(out_dir):
-    """Rank 0: the plans (plan_figures). Every rank of the real 2-rank run: parameters,
-    saved-tensor bytes per micro-batch and sent bytes of every case."""
+    """Rank 0: the plans (plan_figures). Every rank of the real 4-rank run: parameters,
+    saved-tensor bytes per micro-batch and sent bytes of every case; for MoE cases also the
+    expert parameters, the optimizer state (dense and expert) after one step and the bytes the
+    token dispatcher handed to collectives."""
     import torch
 
     from megatron_delta import cpu_shim
@@ -113,70 +135,22 @@ def plan_and_measure(out_dir):
     cpu_shim.install()
     torch.distributed.init_process_group("gloo")
     from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from megatron.core.utils import get_attr_wrapped_model
 
-    from megatron_delta import pipeline_seq_length
     from megatron_delta.run_config import build_transformer_config, load_run_config
     from megatron_delta.train import build_model
 
-    small = os.path.join(out_dir, "small.yaml")
     results = {}
-    for name, overrides in CASES.items():
-        cfg = load_run_config(small, overrides)
-        m, p, t = cfg.model, cfg.parallel, cfg.training
-        parallel_state.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                                                 p.virtual_pipeline_model_parallel_size)
+    for name, path, overrides in _cases(out_dir):
+        cfg = load_run_config(path, overrides)
+        p = cfg.parallel
+        parallel_state.initialize_model_parallel(
+            p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=p.expert_model_parallel_size)
         model_parallel_cuda_manual_seed(0)
         config = build_transformer_config(cfg, on_gpu=False)
-        chunks = build_model(cfg, config, m.vocab_size, on_gpu=False)
-        params = [q for chunk in chunks for q in chunk.parameters()]
-        param_storages = {q.untyped_storage().data_ptr() for q in params}
-
-        g = torch.Generator().manual_seed(0)
-        s, b = m.seq_length, t.micro_batch_size
-        num_microbatches = cfg.num_microbatches(torch.distributed.get_world_size())
-        vpp = p.virtual_pipeline_model_parallel_size
-
-        def batches():  # as the data loader gives them: every micro-batch its own tensors
-            for _ in range(num_microbatches):
-                yield dict(
-                    tokens=torch.randint(0, m.vocab_size, (b, s), generator=g),
-                    position_ids=torch.arange(s).expand(b, s),
-                    attention_mask=(torch.ones(b, 1, s, s, dtype=torch.bool).tril().logical_not()
-                                    if cfg.data.create_attention_mask else None))
-
-        sent, saved = [], {}  # saved: storage address -> (bytes, tensor kept alive: no address reuse)
-        in_forward = [False]  # recomputation inside backward saves again; that is not held memory
-
-        def forward_step(data_iterator, model):
-            batch = next(data_iterator)
-            in_forward[0] = True
-            output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["tokens"])
-            in_forward[0] = False
-            if not get_attr_wrapped_model(model, "post_process"):
-                sent.append(output.numel() * output.element_size())
-            # sum() keeps nothing for backward: what is saved belongs to the model.
-            return output, lambda out: (out.sum(), torch.tensor(out.numel(), dtype=torch.int), {})
-
-        def pack(tensor):
-            storage = tensor.untyped_storage()
-            if in_forward[0] and storage.data_ptr() not in param_storages:
-                saved.setdefault(storage.data_ptr(), (storage.nbytes(), tensor))
-            return tensor
-
-        data = [batches() for _ in chunks] if vpp else batches()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=data, model=chunks if vpp else chunks[0],
-                num_microbatches=num_microbatches, seq_length=pipeline_seq_length(cfg.delta, config, s),
-                micro_batch_size=b, forward_only=False)
-        results[name] = {
-            "params": sum(q.numel() for q in params),
-            "saved_bytes_per_microbatch": sum(nbytes for nbytes, _ in saved.values()) / num_microbatches,
-            "sent_bytes": max(sent, default=0),
-        }
+        chunks = build_model(cfg, config, cfg.model.vocab_size, on_gpu=False)
+        results[name] = _measure(cfg, config, chunks)
         parallel_state.destroy_model_parallel()
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, results)
@@ -184,6 +158,101 @@ def plan_and_measure(out_dir):
         with open(os.path.join(out_dir, "measured.json"), "w") as f:
             json.dump(gathered, f)
     torch.distributed.destroy_process_group()
+
+
+def _measure(cfg, config, chunks):
+    """One step of Megatron's schedule on this rank's chunks, measured."""
+    import torch
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import mappings
+    from megatron.core.utils import get_attr_wrapped_model
+
+    from megatron_delta import pipeline_seq_length
+    from megatron_delta.parameters import is_expert_parameter
+    from megatron_delta.train import build_optimizer
+
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    params = [q for chunk in chunks for q in chunk.parameters()]
+    param_storages = {q.untyped_storage().data_ptr() for q in params}
+    g = torch.Generator().manual_seed(0)
+    s, b = m.seq_length, t.micro_batch_size
+    num_microbatches = cfg.num_microbatches(torch.distributed.get_world_size())
+    vpp = p.virtual_pipeline_model_parallel_size
+
+    def batches():  # as the data loader gives them: every micro-batch its own tensors
+        for _ in range(num_microbatches):
+            yield dict(
+                tokens=torch.randint(0, m.vocab_size, (b, s), generator=g),
+                position_ids=torch.arange(s).expand(b, s),
+                attention_mask=(torch.ones(b, 1, s, s, dtype=torch.bool).tril().logical_not()
+                                if cfg.data.create_attention_mask else None))
+
+    sent, saved = [], {}  # saved: storage address -> (bytes, tensor kept alive: no address reuse)
+    in_forward = [False]  # recomputation inside backward saves again; that is not held memory
+    collectives = {"forward": {}, "backward": {}}
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        in_forward[0] = True
+        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["tokens"])
+        in_forward[0] = False
+        if not get_attr_wrapped_model(model, "post_process"):
+            sent.append(output.numel() * output.element_size())
+        # sum() keeps nothing for backward: what is saved belongs to the model.
+        return output, lambda out: (out.sum(), torch.tensor(out.numel(), dtype=torch.int), {})
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if in_forward[0] and storage.data_ptr() not in param_storages:
+            saved.setdefault(storage.data_ptr(), (storage.nbytes(), tensor))
+        return tensor
+
+    def counted(name, collective, buffer):
+        """`collective`, adding the bytes of its argument number `buffer` (0: output, 1: input)."""
+        def call(*args, **kwargs):
+            counts = collectives["forward" if in_forward[0] else "backward"]
+            counts[name] = counts.get(name, 0) + args[buffer].numel() * args[buffer].element_size()
+            return collective(*args, **kwargs)
+        return call
+
+    # Megatron's mappings bind the all-gather / reduce-scatter functions at import.
+    wrapped = [(mappings, "dist_all_gather_func", counted("all-gather", mappings.dist_all_gather_func, 0)),
+               (mappings, "dist_reduce_scatter_func", counted("reduce-scatter", mappings.dist_reduce_scatter_func, 1)),
+               (torch.distributed, "all_to_all_single", counted("all-to-all", torch.distributed.all_to_all_single, 1))]
+    originals = [(module, attr, getattr(module, attr)) for module, attr, _ in wrapped]
+    for module, attr, function in wrapped:
+        setattr(module, attr, function)
+    data = [batches() for _ in chunks] if vpp else batches()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=data, model=chunks if vpp else chunks[0],
+                num_microbatches=num_microbatches, seq_length=pipeline_seq_length(cfg.delta, config, s),
+                micro_batch_size=b, forward_only=False)
+    finally:
+        for module, attr, function in originals:
+            setattr(module, attr, function)
+    result = {
+        "params": sum(q.numel() for q in params),
+        "saved_bytes_per_microbatch": sum(nbytes for nbytes, _ in saved.values()) / num_microbatches,
+        "sent_bytes": max(sent, default=0),
+    }
+    if m.num_moe_experts:
+        finalize_model_grads(chunks)
+        optimizer, _ = build_optimizer(cfg, config, chunks)
+        optimizer.step()
+        state = {True: 0, False: 0}  # expert? -> bytes of the Adam state this rank holds
+        for sub in optimizer.chained_optimizers:
+            expert = any(is_expert_parameter(q) for group in sub.model_fp32_groups + sub.model_float16_groups
+                         for q in group)
+            state[expert] += sum(v.numel() * v.element_size() for per_param in sub.optimizer.state.values()
+                                 for key, v in per_param.items() if key != "step")
+        result.update(expert_params=sum(q.numel() for q in params if is_expert_parameter(q)),
+                      dense_optimizer_bytes=state[False], expert_optimizer_bytes=state[True],
+                      collective_bytes={d: {n: v / num_microbatches for n, v in c.items()}
+                                        for d, c in collectives.items()})
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,8 +263,8 @@ def plan_and_measure(out_dir):
 def figures(tmp_path_factory):
     """Run the 2-rank job; the plans and the measurements it wrote."""
     out = str(tmp_path_factory.mktemp("plan"))
-    _small_config(out)
-    result = launcher.torchrun(2, os.path.abspath(__file__), out, timeout=TIMEOUT, merge_output=True)
+    _write_configs(out)
+    result = launcher.torchrun(WORLD, os.path.abspath(__file__), out, timeout=TIMEOUT, merge_output=True)
     assert result.returncode == 0, result.stdout[-4000:]
     with open(os.path.join(out, "plan.json")) as f:
         planned = json.load(f)
@@ -253,12 +322,13 @@ def test_recipe_layouts_fit_80gb_and_match_the_cluster(figures, name):
 
 
 def _rank_stage(plan, rank):
-    """The plan's row for a global rank of the 2-rank measurement (TP ranks share pp rank 0)."""
-    return plan["stages"][rank % plan["pp"]] if plan["tp"] == 1 else plan["stages"][0]
+    """The plan's row for a global rank of the measurement (Megatron's rank order puts the pipeline
+    rank outermost)."""
+    return plan["stages"][rank // (WORLD // plan["pp"])]
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_plan_matches_a_real_two_rank_run(figures, case):
+def test_plan_matches_a_real_four_rank_run(figures, case):
     plan = figures["cases"][case]
     for rank, measured in enumerate(figures["measured"]):
         stage, real = _rank_stage(plan, rank), measured[case]
@@ -266,6 +336,48 @@ def test_plan_matches_a_real_two_rank_run(figures, case):
         assert stage["send_bytes_per_microbatch"] == real["sent_bytes"], (rank, stage, real)
         planned, saved = stage["activation_bytes_per_microbatch"], real["saved_bytes_per_microbatch"]
         assert planned == saved, (rank, planned, saved, stage["activation_parts"])
+
+
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_moe_plan_matches_a_real_four_rank_run(figures, case):
+    """Per rank: parameters and expert parameters exactly; the Adam state after one step of the
+    distributed optimizer (dense parameters sharded over 4 ranks, experts over their expert-DP
+    group of 2) exactly, summed over the ranks (a rank's own shard follows Megatron's bucket
+    layout); the token dispatcher's collective bytes in forward and backward exactly, the
+    all-to-all (whose per-rank size follows the routing) summed over the ranks."""
+    plan, measured = figures["cases"][case], [ranks[case] for ranks in figures["measured"]]
+    assert (plan["dp"], plan["ep"], plan["expert_dp"]) == (4, 2, 2)
+    stage = plan["stages"][0]
+    assert stage["moe_layers"] == 3 and 0 < stage["expert_params"] < stage["params"]
+    for real in measured:
+        assert (stage["params"], stage["expert_params"]) == (real["params"], real["expert_params"])
+    dense_optimizer = stage["optimizer_bytes"] - stage["expert_optimizer_bytes"]
+    assert dense_optimizer == 8 * (stage["params"] - stage["expert_params"]) // 4  # fp32 Adam: 2 x 4 bytes
+    assert stage["expert_optimizer_bytes"] == 8 * stage["expert_params"] // 2
+    assert sum(real["dense_optimizer_bytes"] for real in measured) == WORLD * dense_optimizer
+    assert sum(real["expert_optimizer_bytes"] for real in measured) == WORLD * stage["expert_optimizer_bytes"]
+    for direction in ("forward", "backward"):
+        planned = stage["moe_collective_bytes"][direction]
+        assert planned, direction
+        for rank, real in enumerate(measured):
+            got = real["collective_bytes"][direction]
+            assert set(got) == set(planned), (direction, got, planned)
+            exact = {name for name in planned if name != "all-to-all"}
+            assert {n: got[n] for n in exact} == {n: planned[n] for n in exact}, (rank, direction, got, planned)
+        if "all-to-all" in planned:
+            total = sum(real["collective_bytes"][direction]["all-to-all"] for real in measured)
+            assert total == WORLD * planned["all-to-all"], (direction, total, planned)
+
+
+def test_moe_dispatcher_traffic_by_hand(figures):
+    """One MoE layer, 64 tokens per rank (2 x 32), hidden 64, 4 experts, top-2, fp32, EP 2:
+    alltoall sends 64 x 2 rows of tokens and probabilities each way, allgather gathers 2 x 64."""
+    tokens, h, experts, k, n, e = 64, 64, 4, 2, 2, 4
+    alltoall = figures["cases"]["dp2_ep2_alltoall"]["stages"][0]["moe_collective_bytes"]
+    assert alltoall["forward"] == {"all-gather": 3 * n * experts * 8, "all-to-all": 3 * tokens * k * (2 * h + 1) * e}
+    allgather = figures["cases"]["dp2_ep2_allgather"]["stages"][0]["moe_collective_bytes"]
+    assert allgather["forward"] == {"all-gather": 3 * n * tokens * (experts * (1 + e) + h * e),
+                                    "reduce-scatter": 3 * n * tokens * h * e}
 
 
 def test_pipeline_boundaries_carry_the_routing_state(figures):
