@@ -167,10 +167,11 @@ def _build_chunks(cfg: RunConfig, config, vocab_size: int) -> list:
     # gradient later), which a meta tensor cannot take part in; nothing it does changes a count.
     groups = ProcessGroupCollection.use_mpu_process_groups()
     groups.embd = None
-    # Token dispatchers hold no parameters; the alltoall one makes CUDA streams when built, which
-    # a planning host may not have.
+    # Token dispatchers hold no parameters, and grouped-GEMM experts hold the same ones as
+    # sequential experts; the alltoall dispatcher makes CUDA streams when built and grouped GEMM
+    # needs its GPU library, which a planning host may not have.
     if config.num_moe_experts:
-        config = dataclasses.replace(config, moe_token_dispatcher_type="allgather")
+        config = dataclasses.replace(config, moe_token_dispatcher_type="allgather", moe_grouped_gemm=False)
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):

@@ -2,20 +2,27 @@
 
 1. The recipes: the 7.6B and 14B models have the parameter count of the textbook formula
    (embeddings + GQA attention + SwiGLU MLP + norms + routing [+ output layer]), the 7.6B model
-   exactly 589,824 routing parameters, and every recipe layout fits an 80 GiB GPU.
-2. A small model on a real 2-rank torchrun (gloo) under several layouts (TP2 + SP, TP2 with full
-   recompute, PP2 for four variants, PP2 x VPP2), built by `megatron-delta train`'s own build_model
-   and run for one step through Megatron's pipeline schedule. Per rank the plan must give
+   exactly 589,824 routing parameters, the MoE recipes (30.5B, 240B) the formula's total, expert
+   and routing counts, and every recipe layout fits an 80 GiB GPU.
+2. A small model on a real 4-rank torchrun (gloo) under several layouts (TP2 + SP, TP2 with full
+   recompute, PP2 for four variants, PP2 x VPP2, each x DP2), built by `megatron-delta train`'s own
+   build_model and run for one step through Megatron's pipeline schedule. Per rank the plan must give
      - parameters: exactly the numel sum of the rank's real model;
      - sent bytes: exactly the size of the tensor each non-last chunk's forward returns;
      - activations per micro-batch: the bytes of the distinct storages autograd saved for backward
        during the forwards (torch.autograd.graph.saved_tensors_hooks, parameters excluded; the
        loss is a plain sum, which saves nothing). Margin: none, the figures agree to the byte for
        the local backend on CPU. (The transformer_engine terms cannot be measured without a GPU.)
+3. The small model with MoE layers on DP2 x EP2 (dense DP 4, expert DP 2, distributed optimizer),
+   with the alltoall and the allgather dispatcher: parameters and expert parameters per rank, the
+   Adam state of the real optimizer after one step (dense and expert), and the bytes the token
+   dispatcher hands to all-gather / reduce-scatter / all-to-all in forward and backward (counted
+   by wrapping the collectives), all to the byte (the all-to-all, whose per-rank size follows the
+   routing, summed over ranks).
 
-Everything runs in one 2-rank torchrun of this file as a script (one import of Megatron per
+Everything runs in one 4-rank torchrun of this file as a script (one import of Megatron per
 process): rank 0 first computes the plans (before any process group exists: the planner makes its
-own), then both ranks measure.
+own), then every rank measures.
 """
 
 import json
@@ -33,8 +40,11 @@ RECIPES = {  # config -> (nodes, GPUs per node)
     "delta_block_7p6b_256gpu.yaml": (32, 8),
     "delta_block_14b_64gpu.yaml": (8, 8),
     "delta_block_14b_256gpu.yaml": (32, 8),
+    "delta_block_moe_30b_a3b_64gpu.yaml": (8, 8),
+    "delta_block_moe_30b_a3b_256gpu.yaml": (32, 8),
+    "delta_block_moe_240b_a22b_512gpu.yaml": (64, 8),
 }
-TIMEOUT = 900  # seconds for the launched job (about 40 s of CPU time; more on a busy host)
+TIMEOUT = 900  # seconds for the launched job (about 70 s of CPU time; more on a busy host)
 
 SMALL = {
     "model": dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=160,
@@ -286,6 +296,18 @@ def expected_parameters(m):
     return embeddings + m["num_layers"] * layer + h, m["num_layers"] * routing
 
 
+def expected_moe_parameters(m):
+    """(total, expert, routing) parameters of an all-MoE model without shared experts: per layer
+    GQA attention with q/k norms, the router [experts, h], experts x SwiGLU MLPs, two norms and
+    routing; untied embeddings and output layer, final norm."""
+    h, heads, groups, d = m["hidden_size"], m["num_attention_heads"], m["num_query_groups"], m["kv_channels"]
+    attention = h * (heads + 2 * groups) * d + heads * d * h + 2 * d
+    experts = m["num_moe_experts"] * 3 * h * m["moe_ffn_hidden_size"]
+    layer = attention + m["num_moe_experts"] * h + experts + 2 * h + 4 * h
+    total = 2 * m["vocab_size"] * h + m["num_layers"] * layer + h
+    return total, m["num_layers"] * experts, m["num_layers"] * 4 * h
+
+
 def _recipe(name):
     with open(os.path.join(CONFIGS, name)) as f:
         return yaml.safe_load(f)
@@ -307,6 +329,24 @@ def test_14b_parameter_count(figures):
         plan = figures["recipes"][name]
         assert (plan["total_params"], plan["routing_params"]) == (total, routing), name
     assert 14e9 < total < 15.5e9
+
+
+@pytest.mark.parametrize("name", ["delta_block_moe_30b_a3b_64gpu.yaml", "delta_block_moe_30b_a3b_256gpu.yaml",
+                                  "delta_block_moe_240b_a22b_512gpu.yaml"])
+def test_moe_recipe_parameter_counts(figures, name):
+    """The MoE recipes: totals of the formula (30.5B and 240B), every GPU holding its 1/EP of the
+    experts, and expert optimizer state sharded over the expert-DP group (world / (PP x EP))."""
+    m, plan = _recipe(name)["model"], figures["recipes"][name]
+    total, experts, routing = expected_moe_parameters(m)
+    assert (plan["total_params"], plan["expert_params"], plan["routing_params"]) == (total, experts, routing)
+    nodes, gpus = RECIPES[name]
+    assert plan["expert_dp"] == nodes * gpus // (plan["pp"] * plan["ep"])
+    layers_per_stage = m["num_layers"] // plan["pp"]
+    for stage in plan["stages"]:
+        assert stage["moe_layers"] == layers_per_stage
+        assert stage["expert_params"] == experts // m["num_layers"] * layers_per_stage // plan["ep"]
+        assert stage["expert_optimizer_bytes"] == 12 * stage["expert_params"] // plan["expert_dp"]
+    assert (29e9 < total < 31e9) if "30b" in name else (200e9 < total < 250e9)
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
