@@ -12,7 +12,9 @@ import fnmatch
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
-ROUTER_PARAM_PATTERN = "*router*"  # fnmatch pattern on the parameter name, as Megatron's ParamKey takes it
+# fnmatch pattern on the parameter name, as Megatron's ParamKey takes it. Not "*router*": an MoE
+# layer's expert router ("decoder.layers.N.mlp.router.weight") is Megatron's, not depth routing.
+ROUTER_PARAM_PATTERN = "*_router.*"
 
 
 def is_routing_parameter(name: str) -> bool:

@@ -165,7 +165,8 @@ def build_model(cfg: RunConfig, config, vocab_size: int, on_gpu: bool) -> list:
 
 def build_optimizer(cfg: RunConfig, config, model: list):
     """Megatron's optimizer (AdamW; distributed if configured) and its warmup + decay schedule.
-    Routing parameters (names containing "router") get lr and min_lr scaled by router_lr_mult."""
+    Routing parameters (parameters.ROUTER_PARAM_PATTERN; not an MoE layer's expert router) get
+    lr and min_lr scaled by router_lr_mult."""
     t = cfg.training
     opt_config = OptimizerConfig(
         optimizer="adam",
