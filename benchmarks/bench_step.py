@@ -69,11 +69,13 @@ def memory_status(field: str) -> int:
 
 def worker(args) -> dict:
     """One variant in this process: build, warm up, time `steps` training steps."""
-    from megatron_delta import train
+    from megatron_delta import mesh, train
     from megatron_delta.run_config import build_transformer_config, padded_vocab_size
 
     cfg = run_config(args.shape, args.worker, args.num_blocks, args.transformer_impl)
-    device = train.init_distributed(cfg)
+    device = mesh.start_world()
+    mesh.init_model_parallel_of(cfg.parallel)
+    train.init_training(cfg)
     on_gpu = device.type == "cuda"
     resident_before_model = None if on_gpu else memory_status("VmRSS")
     config = build_transformer_config(cfg, on_gpu)
@@ -111,7 +113,7 @@ def worker(args) -> dict:
     times = [step() for _ in range(args.steps)]
     peak = torch.cuda.max_memory_allocated() if on_gpu else memory_status("VmHWM") - resident_before_model
     params = sum(p.numel() for chunk in model for p in chunk.parameters())
-    train.shutdown_distributed()
+    mesh.stop_world()
     return {"step_s": min(times), "median_step_s": sorted(times)[len(times) // 2], "peak_bytes": peak,
             "params": params, "transformer_impl": cfg.model.transformer_impl}
 
@@ -135,7 +137,7 @@ def main(argv=None):
         return
 
     on_gpu = torch.cuda.is_available()
-    torch.set_num_threads(1)  # as the CPU workers (train.init_distributed)
+    torch.set_num_threads(1)  # as the CPU workers (mesh.start_world)
     device = torch.device("cuda" if on_gpu else "cpu")
     precision = "bf16" if on_gpu else "fp32"
     print(f"bench_step | {datetime.date.today()} | {device_description(device)}, {precision} | "

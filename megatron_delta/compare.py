@@ -53,9 +53,9 @@ import time
 import numpy as np
 
 from megatron_delta.config import VARIANTS
-from megatron_delta.data import DataError
+from megatron_delta.data_config import DataError
 from megatron_delta.routing_plot import draw_heatmap, read_records, routing_matrix
-from megatron_delta.run_config import RunConfigError, load_run_config
+from megatron_delta.run_config import RunConfigError, build_transformer_config, load_run_config
 from megatron_delta.seed_stats import Estimate, estimate, paired_difference
 
 DELTA_VARIANTS = ("delta", "delta_block")
@@ -690,6 +690,7 @@ def prepare(args):
         cfg = load_run_config(args.config, args.set + run.overrides)
         if not args.slurm:
             cfg.validate(world_size=args.nproc_per_node)
+        build_transformer_config(cfg, on_gpu=False)  # Megatron's own checks
     if args.slurm and not os.path.exists(SBATCH_SCRIPT):
         raise CompareError(f"--slurm needs {SBATCH_SCRIPT} (a source checkout of megatron-delta)")
     base_dict = base.to_dict()

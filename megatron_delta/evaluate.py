@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from megatron_delta import convert
+from megatron_delta import convert, mesh
 from megatron_delta.data import DataConfig, build_datasets
 from megatron_delta.generate import GenerateError, inference_run_config, loaded_checkpoint, run_command
 
@@ -68,8 +68,6 @@ def parse_args(argv):
 
 
 def evaluate_command(args) -> None:
-    from megatron_delta.train import is_logging_rank
-
     if args.micro_batch_size < 1 or (args.max_samples is not None and args.max_samples < 1):
         raise GenerateError("--micro-batch-size and --max-samples must be >= 1")
     checkpoint = convert.resolve_checkpoint(args.checkpoint)
@@ -88,7 +86,7 @@ def evaluate_command(args) -> None:
         dataset = build_datasets(data, loaded.tokenizer, seq_length, (None, None, None), args.seed)[index]  # one epoch
         result = {"checkpoint": checkpoint, "split": args.split, "seq_length": seq_length,
                   **evaluate_loss(loaded.model, dataset, args.micro_batch_size, args.max_samples)}
-        printing = is_logging_rank()
+        printing = mesh.is_logging_rank()
     if printing:
         print(f"{args.split}: loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f} | "
               f"{result['tokens']} tokens in {result['samples']} sequences of {seq_length}")

@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-from megatron_delta import convert
+from megatron_delta import convert, mesh
 from megatron_delta.checkpointing import CheckpointError
 from megatron_delta.data import DataError, build_tokenizer, load_tokenizer
 from megatron_delta.run_config import ParallelConfig, RunConfig, RunConfigError, build_transformer_config
@@ -120,18 +120,14 @@ def loaded_checkpoint(path: str, tokenizer_path: str | None = None):
     """The checkpoint's model (this rank's TP slice, eval mode) and tokenizer, on a TP-only mesh
     over the launched processes (one process without torchrun); the mesh is torn down on exit.
     Nothing starts before the checkpoint, its record and its tokenizer are known to be usable."""
-    from megatron_delta.train import init_distributed, shutdown_distributed
-
     checkpoint = convert.resolve_checkpoint(path)
     record = convert.read_checkpoint_record(checkpoint)
     cfg = inference_run_config(record, checkpoint)
     tokenizer = checkpoint_tokenizer(record, checkpoint, tokenizer_path)
-    init_distributed(cfg)
-    try:
-        model = load_model_for_inference(checkpoint, cfg, build_transformer_config(cfg, torch.cuda.is_available()))
-        yield LoadedCheckpoint(checkpoint, record, cfg, tokenizer, model)
-    finally:
-        shutdown_distributed()
+    config = build_transformer_config(cfg, torch.cuda.is_available())
+    with mesh.session(cfg.parallel):
+        mesh.set_seeds(cfg.training.seed)  # Megatron's TP weight init needs its RNG streams; the weights are loaded
+        yield LoadedCheckpoint(checkpoint, record, cfg, tokenizer, load_model_for_inference(checkpoint, cfg, config))
 
 
 def run_command(command: str, body) -> int:
@@ -276,8 +272,6 @@ def parse_args(argv):
 
 
 def generate_command(args) -> None:
-    from megatron_delta.train import is_logging_rank
-
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise GenerateError("--max-new-tokens and --batch-size must be >= 1")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
@@ -291,7 +285,7 @@ def generate_command(args) -> None:
                                   sampling, tokenizer.vocab_size, getattr(tokenizer, "eod", None),
                                   use_cache=not args.no_kv_cache)
             results += [(p, tokenizer.detokenize(continuation)) for p, continuation in zip(batch, ids)]
-        printing = is_logging_rank()
+        printing = mesh.is_logging_rank()
     for prompt, completion in results if printing else ():
         if args.prompt is not None:
             print(prompt + completion)

@@ -10,8 +10,8 @@ command-line overrides, and every check that can be made before a process group 
     logging:    run directory, console / TensorBoard / metrics.jsonl cadence
 
     cfg = load_run_config("examples/configs/tiny_cpu.yaml", overrides=["training.lr=3e-4"])
-    cfg.validate(world_size=8)            # RunConfigError naming the key, before any torch.distributed
-    tc = build_transformer_config(cfg, on_gpu=False)
+    cfg.validate(world_size=8)            # RunConfigError naming the key; imports no torch or Megatron
+    tc = build_transformer_config(cfg, on_gpu=False)  # + Megatron's own checks, also a RunConfigError
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Literal, Optional
 import yaml
 
 from megatron_delta.config import DeltaConfigError, DeltaResidualConfig, check_pipeline_split
-from megatron_delta.data import DataConfig, DataError
+from megatron_delta.data_config import DataConfig, DataError
 
 
 class RunConfigError(ValueError):
@@ -175,7 +175,8 @@ class RunConfig:
         )
 
     def validate(self, world_size: int) -> None:
-        """Every mesh / shape / schedule check that does not need a process group."""
+        """Every mesh / shape / schedule check that needs neither a process group nor Megatron
+        (build_transformer_config adds Megatron's own)."""
         _validate(self, world_size)
 
     def to_dict(self) -> dict:
@@ -439,15 +440,6 @@ def _validate(cfg: RunConfig, world_size: int) -> None:
           f"data.split={cfg.data.split!r} has no validation part; training evaluates on it: "
           f"give it a weight, e.g. '90,10,0'")
 
-    # Megatron's own checks, then the routing-specific ones (delta.validate_for).
-    try:
-        transformer_config = build_transformer_config(cfg, on_gpu=False)
-        cfg.delta.validate_for(transformer_config)
-    except DeltaConfigError as e:
-        raise RunConfigError(str(e)) from None
-    except (AssertionError, ValueError) as e:
-        raise RunConfigError(f"Megatron TransformerConfig rejected the model/parallel sections: {e}") from None
-
 
 def padded_vocab_size(cfg: RunConfig, tokenizer_vocab_size: int) -> int:
     """The tokenizer's vocabulary padded to a multiple of make_vocab_size_divisible_by and of the
@@ -462,8 +454,20 @@ def padded_vocab_size(cfg: RunConfig, tokenizer_vocab_size: int) -> int:
 
 
 def build_transformer_config(cfg: RunConfig, on_gpu: bool):
-    """The Megatron TransformerConfig of this run. On CPU (on_gpu=False) the run is fp32 and
-    builds weights on the CPU; on GPU it uses training.precision."""
+    """The Megatron TransformerConfig of this run, after Megatron's own checks and the routing
+    ones (delta.validate_for), either of which is a RunConfigError. On CPU (on_gpu=False) the run
+    is fp32 and builds weights on the CPU; on GPU it uses training.precision."""
+    try:
+        transformer_config = _transformer_config(cfg, on_gpu)
+        cfg.delta.validate_for(transformer_config)
+    except DeltaConfigError as e:
+        raise RunConfigError(str(e)) from None
+    except (AssertionError, ValueError) as e:
+        raise RunConfigError(f"Megatron TransformerConfig rejected the model/parallel sections: {e}") from None
+    return transformer_config
+
+
+def _transformer_config(cfg: RunConfig, on_gpu: bool):
     import torch
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig

@@ -6,14 +6,16 @@ config names (tensor / pipeline / virtual pipeline / sequence / data parallel); 
 it is a one-process run. With CUDA: NCCL and training.precision. Without: gloo, fp32 and
 megatron_delta.cpu_shim (Megatron's CUDA-only calls redirected to the CPU).
 
-Components, one job each:
-    init_distributed   process group, Megatron mesh, micro-batch calculator, seeds
+The loop (_run) hands off to one component per job:
+    mesh.session       (megatron_delta.mesh) process group and Megatron mesh; init_training: the
+                       micro-batch calculator and seeds
     build_model        DeltaGPTModel chunks (one per virtual stage), Float16Module, DDP
     build_optimizer    get_megatron_optimizer (routers at their own lr) + OptimizerParamScheduler
     BatchSource        this data-parallel rank's micro-batches of global batch i
-    Trainer            train_step / evaluate with forward_backward_func; loss and routing reduction
+    Trainer            train_step with forward_backward_func; loss and routing reduction
+    Evaluator          (megatron_delta.evaluator) validation loss
     Checkpointer       (megatron_delta.checkpointing) verified saves, safe loading, resume checks
-    MetricsLogger      console progress line, metrics.jsonl, TensorBoard (rank 0)
+    MetricsLogger      (megatron_delta.metrics) console line, metrics.jsonl, TensorBoard (rank 0)
     PreemptionFlag     SIGTERM / SIGUSR1 -> save at the next step boundary and exit 143
 
 Exit status: 0 finished; 2 bad input: config, command line, data, or a checkpoint that is
@@ -26,19 +28,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import functools
-import json
-import math
 import os
-import random
-import resource
 import signal
-import socket
 import sys
 import time
 
-import numpy as np
 import torch
 
 from megatron.core import parallel_state, tensor_parallel
@@ -53,9 +48,11 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, get
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from megatron_delta import collect_routing_stats, link_virtual_stages, pipeline_seq_length
+from megatron_delta import collect_routing_stats, link_virtual_stages, mesh, pipeline_seq_length
 from megatron_delta.checkpointing import CheckpointError, Checkpointer, check_allowed_changes, starting_point
 from megatron_delta.data import DataError, build_datasets, build_tokenizer
+from megatron_delta.evaluator import Evaluator
+from megatron_delta.metrics import MetricsLogger, peak_memory_bytes
 from megatron_delta.moe import MoEMonitor
 from megatron_delta.parameters import count_parameters, router_lr_overrides
 from megatron_delta.run_config import (
@@ -71,36 +68,10 @@ from megatron_delta.run_lock import RunDirectoryBusy, RunDirectoryLock
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: "terminated", with a checkpoint to resume from
 
 
-# ---------------------------------------------------------------------------------------------
-# Process group and mesh
-
-
-def init_distributed(cfg: RunConfig) -> torch.device:
-    """Start torch.distributed (torchrun's env, or a one-process group) and Megatron's mesh."""
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    else:
-        from megatron_delta import cpu_shim
-
-        cpu_shim.install()
-        # More than one intra-op thread per process is many times slower on small CPU hosts.
-        torch.set_num_threads(1)
-        device = torch.device("cpu")
-    if "WORLD_SIZE" not in os.environ:  # plain `megatron-delta train`: a group of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    torch.distributed.init_process_group(
-        backend="nccl" if on_gpu else "gloo",
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
-    )
-    p = cfg.parallel
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
-    )
+def init_training(cfg: RunConfig) -> None:
+    """After the mesh: Megatron's micro-batch calculator and the seeds. As Megatron-LM, pipeline
+    stages draw from different streams (otherwise every stage would initialise its first layer
+    identically)."""
     init_num_microbatches_calculator(
         rank=torch.distributed.get_rank(),
         rampup_batch_size=None,
@@ -108,30 +79,7 @@ def init_distributed(cfg: RunConfig) -> torch.device:
         micro_batch_size=cfg.training.micro_batch_size,
         data_parallel_size=parallel_state.get_data_parallel_world_size(),
     )
-    # As Megatron-LM: pipeline stages draw from different streams (otherwise every stage would
-    # initialise its first layer identically); TP ranks get their own dropout stream.
-    seed = cfg.training.seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    return device
-
-
-def shutdown_distributed() -> None:
-    destroy_num_microbatches_calculator()
-    parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def is_logging_rank() -> bool:
-    return torch.distributed.get_rank() == 0
+    mesh.set_seeds(cfg.training.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +172,17 @@ def wire_model_config(config, cfg: RunConfig, model: list, optimizer) -> None:
             config.param_sync_func = config.param_sync_func[0]
 
 
+def parameter_count(model: list) -> tuple[int, int]:
+    """(all parameters, routing parameters) of the whole model: this rank's counts
+    (parameters.count_parameters), summed over pipeline ranks."""
+    counts = count_parameters(model, parallel_state.get_tensor_model_parallel_world_size(),
+                              parallel_state.get_expert_model_parallel_world_size(),
+                              parallel_state.get_expert_tensor_parallel_world_size())
+    parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+    torch.distributed.all_gather_object(parts, counts, group=parallel_state.get_pipeline_model_parallel_group())
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
 # ---------------------------------------------------------------------------------------------
 # Data
 
@@ -296,7 +255,7 @@ class Trainer:
         self.seq_length = pipeline_seq_length(cfg.delta, config, cfg.model.seq_length)
         self.moe = MoEMonitor(config, model) if config.num_moe_experts else None  # aux losses, expert load
 
-    def _run_schedule(self, batches: list, forward_only: bool) -> torch.Tensor:
+    def run_schedule(self, batches: list, forward_only: bool) -> torch.Tensor:
         """[loss sum, token count] of these micro-batches on this rank (zeros off the last stage)."""
         reported = self.forward_backward(
             forward_step_func=forward_step,
@@ -319,36 +278,12 @@ class Trainer:
         self.optimizer.zero_grad()
         with (collect_routing_stats(self.model) if collect_routing else contextlib.nullcontext() as stats,
               self.moe.step(collect_routing, len(batches)) if self.moe else contextlib.nullcontext()):
-            loss = self._run_schedule(batches, forward_only=False)
+            loss = self.run_schedule(batches, forward_only=False)
         update_successful, grad_norm, _ = self.optimizer.step()
         if update_successful:  # fp16: a step skipped for inf/nan gradients does not advance the lr
             self.scheduler.step(increment=1)
         routing = gather_routing_summary(stats.summary()) if collect_routing else {}
         return loss, grad_norm, routing
-
-    @torch.no_grad()
-    def evaluate(self, batch_source: BatchSource) -> float:
-        """Token-mean loss over the first eval_iters global batches of the validation split (the
-        same held-out samples at every evaluation), over all DP ranks."""
-        for chunk in self.model:
-            chunk.eval()
-        batches = batch_source.batches(first_sample=0)
-        total = torch.zeros(2, device=self.device)
-        for _ in range(self.cfg.training.eval_iters):
-            total += self._run_schedule([next(batches) for _ in range(get_num_microbatches())], forward_only=True)
-        for chunk in self.model:
-            chunk.train()
-        loss_sum, tokens = all_ranks_sum(total).tolist()
-        return loss_sum / tokens
-
-
-def all_ranks_sum(loss: torch.Tensor) -> torch.Tensor:
-    """Sum a [loss sum, token count] over data-parallel ranks, then over pipeline stages (only the
-    last stage holds nonzero values), so that every rank gets the global numbers."""
-    loss = loss.clone()
-    torch.distributed.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-    torch.distributed.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())
-    return loss
 
 
 def gather_routing_summary(local: dict) -> dict:
@@ -359,65 +294,8 @@ def gather_routing_summary(local: dict) -> dict:
     return dict(sorted(item for part in parts for item in part.items()))  # depth order
 
 
-def routing_sharpness(routing: dict) -> tuple[float, float] | None:
-    """(mean max routing weight, mean routing entropy) over the sublayers that choose between at
-    least two sources (with one source the weight is trivially 1); None if there are none."""
-    routed = [stats for stats in routing.values() if stats["num_sources"] > 1]
-    if not routed:
-        return None
-    return (
-        sum(s["max_weight"] for s in routed) / len(routed),
-        sum(s["entropy"] for s in routed) / len(routed),
-    )
-
-
 # ---------------------------------------------------------------------------------------------
-# Logging and signals
-
-
-def _clock(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=round(seconds)))
-
-
-class MetricsLogger:
-    """Rank 0 writes the console lines, <logging.dir>/metrics.jsonl (one JSON object per event;
-    a resumed run appends, so a step may appear twice: the later line wins) and TensorBoard
-    scalars under <logging.dir>/tensorboard."""
-
-    def __init__(self, cfg: RunConfig):
-        self.enabled = is_logging_rank()
-        self.jsonl = self.tensorboard = None
-        if not self.enabled:
-            return
-        os.makedirs(cfg.logging.dir, exist_ok=True)
-        self.jsonl = open(os.path.join(cfg.logging.dir, "metrics.jsonl"), "a", encoding="utf-8")
-        if cfg.logging.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(os.path.join(cfg.logging.dir, "tensorboard"))
-
-    def print(self, text: str) -> None:
-        if self.enabled:
-            print(text, flush=True)
-
-    def record(self, step: int, values: dict, routing: dict | None = None) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps({"step": step, **values, **({"routing": routing} if routing else {})}) + "\n")
-        self.jsonl.flush()
-        if self.tensorboard is not None:
-            for name, value in values.items():
-                if isinstance(value, (int, float)):  # per-expert loads (a mapping) go to metrics.jsonl only
-                    self.tensorboard.add_scalar(name, value, step)
-            for label, stats in (routing or {}).items():
-                self.tensorboard.add_scalar(f"routing_max_weight/{label}", stats["max_weight"], step)
-                self.tensorboard.add_scalar(f"routing_entropy/{label}", stats["entropy"], step)
-
-    def close(self) -> None:
-        if self.jsonl is not None:
-            self.jsonl.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+# Signals
 
 
 class PreemptionFlag:
@@ -442,71 +320,37 @@ class PreemptionFlag:
         return bool(flag.item())
 
 
-def parameter_count(model: list) -> tuple[int, int]:
-    """(all parameters, routing parameters) of the whole model: this rank's counts
-    (parameters.count_parameters), summed over pipeline ranks."""
-    counts = count_parameters(model, parallel_state.get_tensor_model_parallel_world_size(),
-                              parallel_state.get_expert_model_parallel_world_size(),
-                              parallel_state.get_expert_tensor_parallel_world_size())
-    parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
-    torch.distributed.all_gather_object(parts, counts, group=parallel_state.get_pipeline_model_parallel_group())
-    return sum(p[0] for p in parts), sum(p[1] for p in parts)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of the busiest rank: allocated CUDA memory on GPUs, resident set size on CPU."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    peak = torch.tensor([peak], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-    return int(peak.item())
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 
 
-def train(cfg: RunConfig, start_from: str | None = None, weights_only: bool = False) -> int:
-    device = init_distributed(cfg)
-    try:
-        return _run(cfg, start_from, weights_only, device)
-    finally:
-        shutdown_distributed()
+def train(cfg: RunConfig, config, start_from: str | None = None, weights_only: bool = False) -> int:
+    with mesh.session(cfg.parallel) as device:
+        init_training(cfg)
+        try:
+            return _run(cfg, config, start_from, weights_only, device)
+        finally:
+            destroy_num_microbatches_calculator()
 
 
-def _run(cfg: RunConfig, start_from: str | None, weights_only: bool, device: torch.device) -> int:
-    t, m = cfg.training, cfg.model
+def _run(cfg: RunConfig, config, start_from: str | None, weights_only: bool, device: torch.device) -> int:
+    t = cfg.training
     on_gpu = device.type == "cuda"
-    log = MetricsLogger(cfg)
-    config = build_transformer_config(cfg, on_gpu)
-
+    log = MetricsLogger(cfg, device)
     tokenizer = build_tokenizer(cfg.data)
     eval_samples = t.eval_iters * t.global_batch_size
-    data_seed = t.seed if cfg.data.seed is None else cfg.data.seed
-    train_set, valid_set, _ = build_datasets(
-        cfg.data, tokenizer, m.seq_length, (t.train_iters * t.global_batch_size, eval_samples, eval_samples), data_seed
-    )
+    train_set, valid_set, _ = build_datasets(cfg.data, tokenizer, cfg.model.seq_length,
+                                             (t.train_iters * t.global_batch_size, eval_samples, eval_samples),
+                                             t.seed if cfg.data.seed is None else cfg.data.seed)
     model = build_model(cfg, config, padded_vocab_size(cfg, tokenizer.vocab_size), on_gpu)
     optimizer, scheduler = build_optimizer(cfg, config, model)
     wire_model_config(config, cfg, model, optimizer)
     checkpointer = Checkpointer(cfg, model, optimizer, scheduler, say=log.print)
     trainer = Trainer(cfg, config, model, optimizer, scheduler, device)
-
+    evaluate = Evaluator(trainer.run_schedule, model, BatchSource(valid_set, t.micro_batch_size, device,
+                                                                  cfg.data.num_workers), t.eval_iters, device)
     params, router_params = parameter_count(model)
-    mesh = checkpointer.mesh
-    layout = f"tp {mesh['tp']} pp {mesh['pp']}" + (f" vpp {mesh['vpp']}" if mesh["vpp"] else "")
-    layout += f" dp {mesh['dp']}" + (" sp" if cfg.parallel.sequence_parallel else "")
-    backend = f"{torch.distributed.get_world_size()} GPU process(es), nccl, {t.precision}" if on_gpu else (
-        f"{torch.distributed.get_world_size()} CPU process(es), gloo, fp32")
-    log.print(
-        f"megatron-delta train: {cfg.delta.variant} | {m.num_layers} layers, hidden {m.hidden_size}, "
-        f"{params / 1e6:.2f}M params ({router_params / 1e3:.1f}K routing) | {layout} on {backend} | "
-        f"{get_num_microbatches()} micro-batch(es) of {t.micro_batch_size} x {m.seq_length} tokens per rank and step"
-    )
-    if not on_gpu and t.precision != "fp32":
-        log.print(f"note: training.precision={t.precision} needs a GPU; this CPU run uses fp32")
+    log.print(describe_run(cfg, checkpointer.mesh, params, router_params, on_gpu))
 
     iteration, consumed = 0, 0
     if start_from is not None:
@@ -514,68 +358,23 @@ def _run(cfg: RunConfig, start_from: str | None, weights_only: bool, device: tor
         log.print(f"loaded model weights from {start_from}" if weights_only else
                   f"resumed from {start_from}: iteration {iteration}, {consumed} samples consumed")
     train_batches = BatchSource(train_set, t.micro_batch_size, device, cfg.data.num_workers).batches(consumed)
-    valid_batches = BatchSource(valid_set, t.micro_batch_size, device, cfg.data.num_workers)
     preemption = PreemptionFlag(device)
-
-    tokens_per_step = t.global_batch_size * m.seq_length
-    start = interval_start = time.time()
-    start_iteration = interval_start_iteration = iteration
-    interval_loss = torch.zeros(2, device=device)
-    train_loss = val_loss = None
-    routing = {}
-    # Throughput of the training steps alone (no evaluation or checkpoint time), leaving out this
-    # process's first step (warm-up) and the steps that collect routing statistics (a host sync
-    # per router), so that variants compare on equal terms.
-    timed_seconds, timed_steps = 0.0, 0
+    log.begin(iteration)
+    first_step = iteration + 1
     while iteration < t.train_iters:
-        log_now = (iteration + 1) % cfg.logging.log_interval == 0 or iteration + 1 == t.train_iters
+        iteration += 1
+        log_now = iteration % cfg.logging.log_interval == 0 or iteration == t.train_iters
         step_start = time.time()
         batches = [next(train_batches) for _ in range(get_num_microbatches())]
-        loss, grad_norm, step_routing = trainer.train_step(batches, collect_routing=log_now)
-        if iteration > start_iteration and not log_now:
-            timed_seconds, timed_steps = timed_seconds + time.time() - step_start, timed_steps + 1
-        iteration += 1
+        loss, grad_norm, routing = trainer.train_step(batches, collect_routing=log_now)
         consumed += t.global_batch_size
-        interval_loss += loss
-
+        # Not timed: this process's first step (warm-up) and those that collect routing statistics.
+        log.step_done(loss, time.time() - step_start, timed=iteration > first_step and not log_now)
         if log_now:
-            loss_sum, tokens = all_ranks_sum(interval_loss).tolist()
-            train_loss = loss_sum / tokens
-            interval_loss.zero_()
-            now = time.time()
-            steps = iteration - interval_start_iteration
-            seconds_per_step = (now - start) / (iteration - start_iteration)
-            values = {
-                "loss": train_loss,
-                "lr": get_canonical_lr_for_logging(optimizer.param_groups),
-                "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-                "tokens_per_s": steps * tokens_per_step / (now - interval_start),
-                "elapsed_s": now - start,
-            }
-            line = (
-                f"step {iteration:>{len(str(t.train_iters))}}/{t.train_iters} | loss {train_loss:.4f} | "
-                f"lr {values['lr']:.2e} | grad norm {values['grad_norm']:.3f} | "
-                f"{values['tokens_per_s'] / 1e3:.1f}k tok/s | {_clock(now - start)} elapsed, "
-                f"ETA {_clock((t.train_iters - iteration) * seconds_per_step)}"
-            )
-            sharpness = routing_sharpness(step_routing)
-            if sharpness:
-                routing = step_routing
-                values["routing_max_weight"], values["routing_entropy"] = sharpness
-                line += f" | routing max-w {sharpness[0]:.3f} H {sharpness[1]:.3f}"
-            if trainer.moe is not None:
-                values.update(trainer.moe.last)
-                line += "".join(f" | {name.removeprefix('moe_')} {values[name]:.4f}" for name in trainer.moe.last
-                                if name.startswith("moe_"))
-            log.print(line)
-            log.record(iteration, values, routing=step_routing)
-            interval_start, interval_start_iteration = now, iteration
-
+            log.log_step(iteration, get_canonical_lr_for_logging(optimizer.param_groups), grad_norm, routing,
+                         trainer.moe.last if trainer.moe else {})
         if t.eval_interval and iteration % t.eval_interval == 0 and iteration < t.train_iters:
-            val_loss = trainer.evaluate(valid_batches)
-            log.print(f"eval at step {iteration} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
-            log.record(iteration, {"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
-
+            log.log_eval(iteration, evaluate())
         if preemption.any_rank():
             checkpointer.save(iteration, consumed)
             log.print(f"stop signal received: checkpoint of step {iteration} in {checkpointer.dir}; exiting "
@@ -585,27 +384,30 @@ def _run(cfg: RunConfig, start_from: str | None, weights_only: bool, device: tor
         if cfg.checkpoint.save_interval and iteration % cfg.checkpoint.save_interval == 0:
             log.print(f"saved {checkpointer.save(iteration, consumed)}")
 
-    val_loss = trainer.evaluate(valid_batches)
-    log.record(iteration, {"val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+    val_loss = evaluate()
+    log.log_eval(iteration, val_loss, echo=False)  # the summary line shows it
     if cfg.checkpoint.save_on_exit and (path := checkpointer.save(iteration, consumed)):
         log.print(f"saved {path}")
-    # The last record of a finished run (what `megatron-delta compare` reads).
-    run_summary = {"params": params, "routing_params": router_params, "peak_memory_bytes": peak_memory_bytes(device)}
-    if timed_steps:
-        run_summary["train_tokens_per_s"] = timed_steps * tokens_per_step / timed_seconds
-    log.record(iteration, run_summary)
-    summary = f"done: {iteration} steps in {_clock(time.time() - start)}"
-    if train_loss is not None:
-        summary += f" | train loss {train_loss:.4f}"
-    summary += f" | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}"
-    if routing:
-        max_weight, entropy = routing_sharpness(routing)
-        routed = sum(stats["num_sources"] > 1 for stats in routing.values())
-        summary += (f" | routing: mean max weight {max_weight:.3f}, entropy {entropy:.3f} over the "
-                    f"{routed} sublayers with 2+ sources (see megatron-delta plot-routing {cfg.logging.dir})")
-    log.print(summary)
+    log.finish(iteration, val_loss, {"params": params, "routing_params": router_params,
+                                     "peak_memory_bytes": peak_memory_bytes(device)})
     log.close()
     return 0
+
+
+def describe_run(cfg: RunConfig, layout: dict, params: int, router_params: int, on_gpu: bool) -> str:
+    t, m = cfg.training, cfg.model
+    mesh_text = f"tp {layout['tp']} pp {layout['pp']}" + (f" vpp {layout['vpp']}" if layout["vpp"] else "")
+    mesh_text += f" dp {layout['dp']}" + (" sp" if cfg.parallel.sequence_parallel else "")
+    world = torch.distributed.get_world_size()
+    backend = f"{world} GPU process(es), nccl, {t.precision}" if on_gpu else f"{world} CPU process(es), gloo, fp32"
+    text = (
+        f"megatron-delta train: {cfg.delta.variant} | {m.num_layers} layers, hidden {m.hidden_size}, "
+        f"{params / 1e6:.2f}M params ({router_params / 1e3:.1f}K routing) | {mesh_text} on {backend} | "
+        f"{get_num_microbatches()} micro-batch(es) of {t.micro_batch_size} x {m.seq_length} tokens per rank and step"
+    )
+    if not on_gpu and t.precision != "fp32":
+        text += f"\nnote: training.precision={t.precision} needs a GPU; this CPU run uses fp32"
+    return text
 
 
 def parse_args(argv):
@@ -641,6 +443,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_run_config(args.config, overrides)
         cfg.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        config = build_transformer_config(cfg, on_gpu=torch.cuda.is_available())  # Megatron's own checks
         check_allowed_changes(args.allow_config_change)
         if rank0:  # taken before reading checkpoints: no other run is writing them
             lock = RunDirectoryLock(cfg.logging.dir)
@@ -652,7 +455,7 @@ def main(argv=None) -> int:
     for note in notes if rank0 else ():
         print(note, flush=True)
     try:
-        return train(cfg, start_from, weights_only)
+        return train(cfg, config, start_from, weights_only)
     except (DataError, CheckpointError) as e:  # found once the data or checkpoint is read
         return _error(e)
     finally:

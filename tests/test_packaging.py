@@ -72,3 +72,62 @@ def test_installed_wheel_trains_from_any_folder(wheel, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "done: 3 steps" in run.stdout
     assert (elsewhere / "runs" / "tiny_cpu" / "metrics.jsonl").exists()  # relative paths: the caller's folder
+
+
+def import_graph() -> dict:
+    """megatron_delta's modules -> the package modules each imports (at module level or inside a
+    function; `from megatron_delta import NAME` of a lazy export counts as its defining module)."""
+    import ast
+
+    import megatron_delta
+
+    package = os.path.join(REPO, "megatron_delta")
+    modules = {}
+    for root, _, files in os.walk(package):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                dotted = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".").removesuffix(".__init__")
+                modules[dotted] = path
+    graph = {}
+    for module, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("megatron_delta"):
+                imported.add(node.module)
+                for alias in node.names:
+                    imported.add(f"{node.module}.{alias.name}")
+                    if node.module == "megatron_delta":
+                        imported.add(megatron_delta._EXPORTS.get(alias.name, ""))
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+        graph[module] = {name for name in imported if name in modules and name not in (module, "megatron_delta")}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert {"megatron_delta.train", "megatron_delta.routing", "megatron_delta.kernels"} <= set(graph)
+    assert "megatron_delta.kernels" in graph["megatron_delta.routing"]  # the graph sees imports
+
+    def cycle_from(start, path):
+        for module in sorted(graph[path[-1]]):
+            if module == start:
+                return path
+            if module not in path and (found := cycle_from(start, path + [module])):
+                return found
+        return None
+
+    cycles = [cycle for module in sorted(graph) if (cycle := cycle_from(module, [module]))]
+    assert not cycles, " -> ".join(cycles[0] + cycles[0][:1])
+
+
+def test_readme_module_map_lists_the_package():
+    """The README's module map names every module (and the hf/ package) and nothing else."""
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    table = readme.split("## Module map", 1)[1].split("\n## ", 1)[0]
+    mapped = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
+    package = os.path.join(REPO, "megatron_delta")
+    shipped = {name + ("/" if os.path.isdir(os.path.join(package, name)) else "") for name in os.listdir(package)
+               if (name.endswith(".py") and name != "__init__.py") or os.path.exists(os.path.join(package, name, "__init__.py"))}
+    assert mapped == shipped

@@ -3,11 +3,14 @@
 import dataclasses
 import glob
 import os
+import sys
 
 import pytest
 import yaml
 
 from megatron_delta.run_config import RunConfigError, from_dict, load_run_config, padded_vocab_size
+
+import launcher
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "examples", "configs")
 TINY = os.path.join(CONFIGS, "tiny_cpu.yaml")
@@ -82,9 +85,13 @@ def test_impossible_runs_are_rejected_before_start(overrides, world_size, named)
 
 
 def assert_rejected(config, overrides, world_size, named):
+    """Rejected as the commands check a config before they start: validate, then Megatron's checks."""
+    from megatron_delta.run_config import build_transformer_config
+
     cfg = load_run_config(config, overrides)
     with pytest.raises(RunConfigError, match=named):
         cfg.validate(world_size=world_size)
+        build_transformer_config(cfg, on_gpu=False)
 
 
 def test_valid_meshes_of_the_tiny_config():
@@ -143,6 +150,24 @@ def test_every_shipped_config_validates_on_its_mesh(path):
     world_size = (p.data_parallel_size or 1) * p.tensor_model_parallel_size * p.pipeline_model_parallel_size
     cfg.validate(world_size=world_size)
     assert from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_parsing_and_validating_imports_no_model_data_or_tokenizer_code():
+    """A planning host or a launcher checks a YAML without torch or Megatron: a fresh interpreter
+    parses and validates every shipped config and has imported none of them."""
+    script = (
+        "import glob, sys\n"
+        "from megatron_delta.run_config import load_run_config\n"
+        f"for path in sorted(glob.glob({os.path.join(CONFIGS, '*.yaml')!r})):\n"
+        "    cfg = load_run_config(path); p = cfg.parallel\n"
+        "    cfg.validate((p.data_parallel_size or 1) * p.tensor_model_parallel_size * p.pipeline_model_parallel_size)\n"
+        "heavy = ('torch', 'megatron', 'nltk', 'transformers', 'tokenizers', 'numpy')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m.startswith('megatron_delta.')))\n"
+    )
+    result = launcher.run([sys.executable, "-c", script], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["['megatron_delta.config',", "'megatron_delta.data_config',",
+                                     "'megatron_delta.run_config']"]
 
 
 def test_the_defaults_are_a_valid_run():
