@@ -9,6 +9,11 @@ Exact (counted on real Megatron models):
                    on the meta device (no memory), in a one-process torch.distributed world of the
                    "fake" backend whose ranks say "tensor-parallel rank 0 of pipeline rank r": Megatron
                    shards every layer for the real TP size and builds the real layers of that stage.
+                   MoE: the world also has the expert groups, so a rank holds its EP rank's experts
+                   (each split over expert TP).
+    MoE traffic    moe_collective_bytes: what the token dispatcher hands to all-gather, reduce-scatter
+                   and all-to-all per MoE layer and micro-batch, forward and backward (all-to-all:
+                   what a rank receives follows the routing; counted balanced, the mean over ranks).
     sends          transport.boundary_bytes: the packed DepthState a stage sends per micro-batch (and
                    the gradient of the same size it receives back).
 
@@ -21,13 +26,16 @@ layer: GQA attention, SwiGLU/GeLU MLP, RMSNorm, RoPE, TP/SP sharding), plus what
                    multiplies it.
     sources        every source a sublayer of the stage routes over stays alive until backward: x_0
                    and the block deltas (delta_block), every sublayer output (delta, attnres_full), the
-                   partial block sums (attnres_block). Found by running DepthState's own bookkeeping
-                   over the stage's layers, so sources shared by several sublayers count once.
+                   partial block sums (attnres_block). Found by walking the stage through the
+                   model's own bookkeeping (each layer's `advance`, i.e. DepthState's updates, the
+                   block's layer groups and entry state) on placeholders, so sources shared by
+                   several sublayers count once.
     pipeline input the received [slots * s, b, h] message: its sources are views of it, so the whole
                    message is kept until the stage's backward. Interleaved PP: sources a rank keeps
                    for its next chunk count once, on the chunk that received or made them.
 For the local backend (torch ops, as on CPU) the sum agrees to the byte with the saved-tensor bytes
-of real runs (tests/test_plan.py: TP2+SP, recompute, PP2 for four variants, PP2 x VPP2); the
+of real runs (tests/test_plan.py: TP2+SP, recompute, PP2 for four variants, PP2 x VPP2); MoE layers
+(moe_mlp: router, the experts' MLPs on balanced routing, a shared expert) are an estimate; the
 transformer_engine terms follow what TE's fused LayerNorm-linear and flash attention keep (input,
 normalised input, inverse RMS; q, k, v, output, log-sum-exp) and cannot be measured without a GPU.
 
@@ -38,7 +46,9 @@ model-chunk micro-batches (each 1/vpp of a stage), i.e. more.
 
 Bytes per parameter, as `megatron-delta train` keeps them: bf16/fp16 weights (2), fp32 main gradients
 (4, DDP grad_reduce_in_fp32), fp32 master weights + Adam exp_avg + exp_avg_sq (12), the last sharded
-over data-parallel ranks by the distributed optimizer. fp32 runs: 4 + 4 + 8.
+over data-parallel ranks by the distributed optimizer (expert parameters: over the expert-data-parallel
+group, world / (pp x ep x expert tp), as Megatron-Core's get_megatron_optimizer builds a second
+optimizer for them). fp32 runs: 4 + 4 + 8.
 
 Not modelled (covered by --reserve-gb): CUDA context, NCCL and cuBLAS workspaces, allocator
 fragmentation, DDP bucket padding, gradients of activations during backward.
@@ -608,7 +618,8 @@ def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_memory_gb: flo
             activation_parts=parts,
             activation_bytes_per_microbatch=sum(chunk_bytes), microbatches_in_flight=in_flight,
             activation_bytes=peak, transient_bytes=transient, send_bytes_per_microbatch=max(sends, default=0),
-            moe_layers=moe_layers, moe_collective_bytes=collectives, total_bytes=total, fits=total <= (gpu_memory_gb - reserve_gb) * GiB,
+            moe_layers=moe_layers, moe_collective_bytes=collectives, total_bytes=total,
+            fits=total <= (gpu_memory_gb - reserve_gb) * GiB,
         ))
     return Plan(
         config_path=config_path, nodes=nodes, gpus_per_node=gpus_per_node, tp=tp, pp=pp, vpp=vpp, dp=dp,
@@ -646,11 +657,12 @@ def _moe_summary(plan: Plan, m) -> list:
     (active: all but the (experts - topk) / experts share of the expert weights a token skips)."""
     if not plan.dispatcher:
         return []
-    shared = f", shared expert ffn {m.moe_shared_expert_intermediate_size}" if m.moe_shared_expert_intermediate_size else ""
+    shared = m.moe_shared_expert_intermediate_size
     skipped = plan.expert_params * (m.num_moe_experts - m.moe_router_topk) // m.num_moe_experts
     return [f"        {m.num_moe_experts} experts, top-{m.moe_router_topk}, expert ffn "
-            f"{m.moe_ffn_hidden_size or m.ffn_hidden_size}{shared}, {sum(s.moe_layers for s in plan.stages)} MoE layers: "
-            f"{plan.expert_params:,} expert parameters, {plan.total_params - skipped:,} active per token"]
+            f"{m.moe_ffn_hidden_size or m.ffn_hidden_size}{f', shared expert ffn {shared}' if shared else ''}, "
+            f"{sum(s.moe_layers for s in plan.stages)} MoE layers: {plan.expert_params:,} expert parameters, "
+            f"{plan.total_params - skipped:,} active per token"]
 
 
 def format_plan(plan: Plan, cfg: RunConfig) -> str:

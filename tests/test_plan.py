@@ -122,10 +122,11 @@ def plan_figures(out_dir):
     for name, path, overrides in _cases(out_dir):
         plan = make_plan(load_run_config(path, overrides), 1, WORLD, on_gpu=False)
         figures["cases"][name] = json.loads(plan.to_json())
-    table = io.StringIO()
-    with contextlib.redirect_stdout(table):
-        rc = main(["--config", os.path.join(CONFIGS, "delta_block_7p6b.yaml"), "--nodes", "8", "--gpus-per-node", "8"])
-    figures["cli"] = {"rc": rc, "stdout": table.getvalue()}
+    for key, name in (("cli", "delta_block_7p6b.yaml"), ("cli_moe", "delta_block_moe_30b_a3b_64gpu.yaml")):
+        table = io.StringIO()
+        with contextlib.redirect_stdout(table):
+            rc = main(["--config", os.path.join(CONFIGS, name), "--nodes", "8", "--gpus-per-node", "8"])
+        figures[key] = {"rc": rc, "stdout": table.getvalue()}
     with open(os.path.join(out_dir, "plan.json"), "w") as f:
         json.dump(figures, f)
 
@@ -389,6 +390,8 @@ def test_moe_plan_matches_a_real_four_rank_run(figures, case):
     assert (plan["dp"], plan["ep"], plan["expert_dp"]) == (4, 2, 2)
     stage = plan["stages"][0]
     assert stage["moe_layers"] == 3 and 0 < stage["expert_params"] < stage["params"]
+    # Depth routing only: 4 x hidden per layer, not the MoE layers' expert routers.
+    assert plan["routing_params"] == 4 * SMALL["model"]["hidden_size"] * SMALL["model"]["num_layers"]
     for real in measured:
         assert (stage["params"], stage["expert_params"]) == (real["params"], real["expert_params"])
     dense_optimizer = stage["optimizer_bytes"] - stage["expert_optimizer_bytes"]
@@ -445,6 +448,17 @@ def test_cli_prints_a_table_per_pipeline_rank(figures):
     rows = lines[header + 2:header + 4]
     assert [row.split()[0] for row in rows] == ["0", "1"] and all(row.split()[-1] == "yes" for row in rows)
     assert "7,568,995,328 parameters (589,824 routing)" in cli["stdout"]
+
+
+def test_cli_prints_the_expert_layout_and_dispatcher_traffic(figures):
+    cli = figures["cli_moe"]
+    assert cli["rc"] == 0
+    out = cli["stdout"]
+    assert "experts: EP 8 x expert TP 1 x expert DP 8, alltoall dispatcher" in out
+    assert "30,532,515,840 parameters (393,216 routing)" in out
+    assert "128 experts, top-8, expert ffn 768, 48 MoE layers: 28,991,029,248 expert parameters" in out
+    header = next(line for line in out.splitlines() if line.startswith("pp rank  MoE layers"))
+    assert header.split()[-6:] == ["all-gather", "fwd", "all-to-all", "fwd", "all-to-all", "bwd"]
 
 
 def test_bad_layout_is_a_clear_error(capsys):
