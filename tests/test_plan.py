@@ -461,6 +461,16 @@ def test_cli_prints_the_expert_layout_and_dispatcher_traffic(figures):
     assert header.split()[-6:] == ["all-gather", "fwd", "all-to-all", "fwd", "all-to-all", "bwd"]
 
 
+@pytest.mark.parametrize("key", ["cli", "cli_moe"])
+def test_scale_plan_doc_pastes_the_current_output(figures, key):
+    """docs/scale_plan.md shows what `megatron-delta plan` prints today (after its first line,
+    which names the config path)."""
+    with open(os.path.join(REPO, "docs", "scale_plan.md"), encoding="utf-8") as f:
+        doc = f.read()
+    body = figures[key]["stdout"].split("\n", 1)[1].rstrip("\n")
+    assert body in doc
+
+
 def test_bad_layout_is_a_clear_error(capsys):
     from megatron_delta.plan import main
 
