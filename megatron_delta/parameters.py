@@ -12,8 +12,9 @@ import fnmatch
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
-# fnmatch pattern on the parameter name, as Megatron's ParamKey takes it. Not "*router*": an MoE
-# layer's expert router ("decoder.layers.N.mlp.router.weight") is Megatron's, not depth routing.
+# fnmatch pattern on the parameter name, as Megatron's ParamKey takes it. "_router." and not
+# "router": Megatron's MoE layers hold a token router too ("decoder.layers.N.mlp.router.weight"),
+# which is no depth-routing parameter (no router learning rate, not counted, not optional on import).
 ROUTER_PARAM_PATTERN = "*_router.*"
 
 

@@ -69,6 +69,7 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 0.0
     moe_z_loss_coeff: Optional[float] = None
     moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    moe_router_pre_softmax: bool = False  # softmax over all experts before top-k (else over the k chosen)
     moe_router_enable_expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3); needs sigmoid
     moe_router_bias_update_rate: float = 1e-3
     moe_grouped_gemm: bool = False
@@ -533,7 +534,7 @@ def _moe_fields(cfg: RunConfig) -> dict:
         "moe_shared_expert_intermediate_size": m.moe_shared_expert_intermediate_size,
         "moe_layer_freq": m.moe_layer_freq, "moe_router_load_balancing_type": m.moe_router_load_balancing_type,
         "moe_aux_loss_coeff": m.moe_aux_loss_coeff, "moe_z_loss_coeff": m.moe_z_loss_coeff,
-        "moe_router_score_function": m.moe_router_score_function,
+        "moe_router_score_function": m.moe_router_score_function, "moe_router_pre_softmax": m.moe_router_pre_softmax,
         "moe_router_enable_expert_bias": m.moe_router_enable_expert_bias,
         "moe_router_bias_update_rate": m.moe_router_bias_update_rate, "moe_grouped_gemm": m.moe_grouped_gemm,
         "expert_model_parallel_size": p.expert_model_parallel_size,

@@ -1,20 +1,23 @@
 """Hugging Face <-> Megatron conversion (megatron_delta.convert).
 
 Tiny random Qwen3 (tied embeddings, q/k norms, head_dim != hidden / heads, GQA, sharded
-safetensors) and Llama (untied, GQA, a vocabulary that needs padding) models are built with
-`transformers` from a config and saved locally: nothing is downloaded.
+safetensors), Llama (untied, GQA, a vocabulary that needs padding) and Qwen3-MoE models (4 experts,
+top-2; renormalised top-k with a dense first layer, or softmax-then-top-k on every other layer and
+untied) are built with `transformers` from a config and saved locally: nothing is downloaded.
 
 - TP=1: the converted checkpoint, loaded into a freshly initialised model, gives the HF logits on
   the real vocabulary and the HF loss (with the zero logits of the padded classes), for standard,
   delta and delta_block; opening the gates changes them (the parity is not vacuous).
 - TP=2 x PP=2: four real processes over gloo (torchrun) load the same checkpoint (converted in
-  one process: dist_checkpointing reshards at load) and run Megatron's pipeline schedule.
+  one process: dist_checkpointing reshards at load; Qwen3-MoE's experts split over TP too) and run
+  Megatron's pipeline schedule.
 - export -> import and import -> export are exact (bit-equal tensors), routing parameters included.
 - The exported directory runs in transformers (trust_remote_code, our modeling_delta.py) for every
   routed variant, Qwen3 and Llama: its logits equal the Megatron model's and its greedy
   generate(), with and without the KV cache, equals Megatron's KV-cache generation; without
   trust_remote_code it refuses to load.
-- A converted model fine-tuned by `megatron-delta train` starts at the HF model's loss.
+- A converted model fine-tuned by `megatron-delta train` starts at the HF model's loss (dense
+  Qwen3 and Qwen3-MoE); the Qwen3-30B-A3B recipe's model section is the converter's.
 
 Run this file as a script under torchrun for the mesh worker (see test_tp2_pp2_mesh_...).
 """
@@ -50,7 +53,23 @@ HF_MODELS = {
         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, rms_norm_eps=1e-5,
         rope_theta=50000.0, initializer_range=0.05,
     ), "10GB"),
+    # Qwen3-MoE: the tiny Qwen3's attention; layer 0 dense (mlp_only_layers), layers 1-3 MoE with
+    # norm_topk_prob (Megatron's top-k then softmax).
+    "qwen3_moe": ("Qwen3MoeConfig", dict(
+        vocab_size=384, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0], num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, max_position_embeddings=128, tie_word_embeddings=True,
+        rms_norm_eps=1e-6, rope_theta=10000.0, initializer_range=0.05,
+    ), "40KB"),
+    # Without norm_topk_prob (Megatron's moe_router_pre_softmax), MoE on every other layer, untied.
+    "qwen3_moe_pre_softmax": ("Qwen3MoeConfig", dict(
+        vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_experts=4,
+        num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=2, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=128,
+        tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=10000.0, initializer_range=0.05,
+    ), "10GB"),
 }
+HF_CLASSES = {"qwen3": "Qwen3", "llama": "Llama", "qwen3_moe": "Qwen3Moe"}  # our exported class: Delta<this>ForCausalLM
 HF_MODULES = {}  # name -> the transformers module, filled by the hf_models fixture
 # Qwen3-0.6B's config.json (for the fine-tuning recipe's model section).
 QWEN3_0_6B = {
@@ -61,6 +80,18 @@ QWEN3_0_6B = {
     "num_key_value_heads": 8, "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
     "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
     "use_sliding_window": False, "vocab_size": 151936,
+}
+# Qwen3-30B-A3B's config.json (for the MoE fine-tuning recipe's model section).
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144, "max_position_embeddings": 40960,
+    "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe", "moe_intermediate_size": 768,
+    "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8,
+    "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001, "sliding_window": None,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 151936,
 }
 
 
@@ -98,6 +129,8 @@ def hf_models(tmp_path_factory):
             for param_name, param in model.named_parameters():
                 if "norm" in param_name:
                     param.copy_(1 + 0.3 * torch.randn_like(param))
+                if param_name.endswith("mlp.gate.weight"):  # MoE routers: well-separated top-k choices
+                    param.normal_(0.0, 1.0)
         path = root / name
         model.save_pretrained(path, max_shard_size=shard_size)
         ids = torch.randint(0, config.vocab_size, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(seed))
@@ -163,6 +196,20 @@ def test_qwen3_0_6b_config_gives_the_recipe_model_section():
     convert.check_layout(recipe.model, recipe.delta, 2, 2, None)  # 8 kv heads and 28 layers fit TP2 x PP2
 
 
+def test_qwen3_30b_a3b_config_gives_the_moe_recipe_model_section():
+    """The MoE fine-tuning recipe's model section is what the converter derives from Qwen3-30B-A3B,
+    and its mesh (TP2 x PP2 x DP4, EP8) passes the trainer's and Megatron's checks on 16 ranks."""
+    derived = dataclasses.asdict(convert.model_config_from_hf(QWEN3_30B_A3B))
+    recipe = load_run_config(os.path.join(REPO, "examples/configs/finetune_qwen3_30b_a3b_delta_block.yaml"))
+    assert dataclasses.asdict(recipe.model) == derived
+    assert (derived["num_moe_experts"], derived["moe_router_topk"], derived["moe_ffn_hidden_size"],
+            derived["moe_layer_freq"], derived["moe_router_pre_softmax"]) == (128, 8, 768, 1, False)
+    assert recipe.delta == DeltaResidualConfig(variant="delta_block", num_blocks=4, init="identity")
+    assert recipe.parallel.expert_model_parallel_size == 8
+    recipe.validate(world_size=16)
+    convert.check_layout(recipe.model, recipe.delta, 2, 2, None)
+
+
 # ---------------------------------------------------------------------------------------------- TP=1 parity
 
 @pytest.mark.parametrize("name", list(HF_MODELS))
@@ -202,7 +249,7 @@ def test_open_gates_change_the_logits(hf_models, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- round trips
 
-@pytest.mark.parametrize("name, variant", [("qwen3", "delta_block"), ("llama", "delta")])
+@pytest.mark.parametrize("name, variant", [("qwen3", "delta_block"), ("llama", "delta"), ("qwen3_moe", "delta_block")])
 def test_export_import_round_trips_are_exact(hf_models, tmp_path, name, variant):
     source = hf_models[name]
     first = str(tmp_path / "first")
@@ -264,7 +311,7 @@ def trained_checkpoint(hf_dir: str, delta: DeltaResidualConfig, path: str):
     hf_config = convert.read_hf_config(hf_dir)
     model_cfg = convert.model_config_from_hf(hf_config)
     model = convert.build_model(model_cfg, delta, convert.transformer_config_from_hf(hf_config))
-    convert._load_into(model, convert.hf_to_megatron(convert.read_hf_weights(hf_dir),
+    convert.load_weights_into(model, convert.hf_to_megatron(convert.read_hf_weights(hf_dir),
                                                     convert.WeightLayout.of(model_cfg, hf_config["vocab_size"])))
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -281,7 +328,8 @@ def trained_checkpoint(hf_dir: str, delta: DeltaResidualConfig, path: str):
 
 
 @pytest.mark.parametrize("name, variant", [("qwen3", "delta"), ("qwen3", "attnres_block"),
-                                           ("llama", "delta_block"), ("llama", "attnres_full")])
+                                           ("llama", "delta_block"), ("llama", "attnres_full"),
+                                           ("qwen3_moe", "delta_block"), ("qwen3_moe_pre_softmax", "attnres_full")])
 def test_exported_directory_runs_in_transformers(hf_models, tmp_path, name, variant):
     import transformers
 
@@ -295,7 +343,8 @@ def test_exported_directory_runs_in_transformers(hf_models, tmp_path, name, vari
     with pytest.raises(ValueError, match="trust_remote_code"):  # never a plain Qwen3 / Llama without routing
         transformers.AutoModelForCausalLM.from_pretrained(exported)
     hf = transformers.AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True).eval()
-    assert type(hf).__name__ == f"Delta{'Qwen3' if name == 'qwen3' else 'Llama'}ForCausalLM"
+    family = convert.read_hf_config(hf_models[name])["model_type"]
+    assert type(hf).__name__ == f"Delta{HF_CLASSES[family]}ForCausalLM"
 
     reference = torch.load(os.path.join(hf_models[name], "reference.pt"))
     vocab = reference["logits"].shape[-1]
@@ -312,6 +361,13 @@ def test_exported_directory_runs_in_transformers(hf_models, tmp_path, name, vari
     for use_cache in (True, False):
         out = hf.generate(prompt, max_new_tokens=24, do_sample=False, use_cache=use_cache)[0, 6:].tolist()
         assert (out[: out.index(eos)] if eos in out else out) == ours, use_cache
+
+    # transformers' save_pretrained writes the exported tensors back under the same names (Qwen3-MoE:
+    # one tensor per expert, though transformers holds them fused in memory).
+    hf.save_pretrained(tmp_path / "resaved")
+    exported_tensors, resaved = convert.read_hf_weights(exported), convert.read_hf_weights(str(tmp_path / "resaved"))
+    assert exported_tensors.keys() == resaved.keys()
+    assert all(torch.equal(exported_tensors[key], resaved[key]) for key in resaved)
 
     # import(export(checkpoint)) gives back every parameter, routing included, bit for bit.
     again = str(tmp_path / "again")
@@ -364,11 +420,39 @@ def test_from_scratch_model_section_gives_a_hf_config_and_back():
         hf_config = convert.hf_config_from_model(model, vocab_size=258, eos_token_id=256)
         assert hf_config["model_type"] == ("qwen3" if qk else "llama")
         back = convert.model_config_from_hf(hf_config)
-        assert convert._architecture(back) == convert._architecture(model) and back.norm_epsilon == 1e-6
+        assert convert.architecture(back) == convert.architecture(model) and back.norm_epsilon == 1e-6
     for field, value in [("normalization", "LayerNorm"), ("activation", "gelu"),
                          ("position_embedding_type", "learned_absolute"), ("add_bias_linear", True)]:
         with pytest.raises(convert.ConvertError, match=f"model.{field}="):
             convert.hf_config_from_model(dataclasses.replace(ModelConfig(), **{field: value}), vocab_size=258)
+
+    # With experts: Qwen3-MoE, the dense layers as mlp_only_layers, and what Qwen3-MoE cannot hold refused.
+    moe = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96, qk_layernorm=True,
+                      num_moe_experts=8, moe_router_topk=2, moe_ffn_hidden_size=32, moe_layer_freq=2,
+                      moe_router_pre_softmax=True)
+    hf_config = convert.hf_config_from_model(moe, vocab_size=258)
+    assert (hf_config["model_type"], hf_config["mlp_only_layers"], hf_config["norm_topk_prob"]) == \
+        ("qwen3_moe", [1, 3], False)
+    back = convert.model_config_from_hf(hf_config)
+    assert back.moe_layer_freq == [1, 0, 1, 0] and convert.architecture(back) == convert.architecture(moe)
+    for field, value in [("moe_shared_expert_intermediate_size", 64), ("moe_router_score_function", "sigmoid"),
+                         ("moe_router_enable_expert_bias", True), ("qk_layernorm", False)]:
+        with pytest.raises(convert.ConvertError, match=f"model.{field}=.*no Hugging Face Qwen3-MoE counterpart"):
+            convert.hf_config_from_model(dataclasses.replace(moe, **{field: value}), vocab_size=258)
+
+
+@pytest.mark.parametrize("changes, args, message", [
+    (dict(num_experts=0), [], "num_experts=0: a Qwen3-MoE model needs experts"),
+    (dict(moe_intermediate_size=33), ["--tp", "2"], "moe_intermediate_size=33 is not divisible by --tp 2"),
+    (dict(num_experts=3), [], "tensors with no Megatron counterpart: model.layers.1.mlp.experts.3.down_proj.weight"),
+])
+def test_bad_moe_input_fails_early_with_one_line(hf_models, tmp_path, capsys, changes, args, message):
+    hf_dir = edited_copy(hf_models["qwen3_moe"], tmp_path, **changes)
+    output = str(tmp_path / "out")
+    assert convert.main(["import", "--hf-dir", hf_dir, "--output", output, *args]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("megatron-delta convert: error:")]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not os.path.exists(output)
 
 
 def test_existing_output_is_not_overwritten(hf_models, tmp_path):
@@ -385,7 +469,7 @@ def test_tp2_pp2_mesh_loads_the_one_process_checkpoint(hf_models, tmp_path):
     """Converted once, in one process; loaded by 4 torchrun ranks (TP=2 x PP=2) whose pipeline
     schedule (forward_only, seq_length=pipeline_seq_length) gives the HF logits and loss."""
     cases = []
-    for name, variant in (("qwen3", "delta_block"), ("llama", "delta")):
+    for name, variant in (("qwen3", "delta_block"), ("llama", "delta"), ("qwen3_moe", "delta_block")):
         checkpoint = str(tmp_path / f"{name}_{variant}")
         convert.import_hf(hf_models[name], checkpoint, DeltaResidualConfig(variant, 2, init="identity"),
                           tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
@@ -475,18 +559,25 @@ def _mesh_worker(out_dir: str, cases_file: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- fine-tuning
 
-def test_finetuning_a_converted_model_starts_at_the_hf_loss(hf_models, tmp_path):
+# The tiny Qwen3-MoE is the tiny Qwen3 plus these model fields (its conversion record says so).
+MOE_RECIPE_OVERRIDES = ["model.num_moe_experts=4", "model.moe_router_topk=2", "model.moe_ffn_hidden_size=32",
+                        "model.moe_layer_freq=[0, 1, 1, 1]", "model.moe_aux_loss_coeff=0.001"]
+
+
+@pytest.mark.parametrize("name", ["qwen3", "qwen3_moe"])
+def test_finetuning_a_converted_model_starts_at_the_hf_loss(hf_models, tmp_path, name):
     """`megatron-delta train` on examples/configs/finetune_tiny_cpu.yaml with the converted tiny
-    Qwen3: the loss of step 1 (computed before the first update) equals the HF model's loss on
-    the same global batch; the routing parameters train; the result exports back to HF layout."""
+    Qwen3 (Qwen3-MoE: with the MoE model fields set): the loss of step 1 (computed before the first
+    update) equals the HF model's loss on the same global batch; the loss goes down; the routing
+    parameters train; the result exports back to HF layout."""
     from megatron_delta.data import build_datasets, build_tokenizer
 
     checkpoint = str(tmp_path / "converted")
-    assert convert.main(["import", "--hf-dir", hf_models["qwen3"], "--output", checkpoint, "--variant",
+    assert convert.main(["import", "--hf-dir", hf_models[name], "--output", checkpoint, "--variant",
                          "delta_block", "--num-blocks", "2"]) == 0
     recipe = os.path.join(REPO, "examples/configs/finetune_tiny_cpu.yaml")
     overrides = [f"checkpoint.load={checkpoint}", f"logging.dir={tmp_path / 'run'}",
-                 f"data.cache_dir={tmp_path / 'data'}"]
+                 f"data.cache_dir={tmp_path / 'data'}", *(MOE_RECIPE_OVERRIDES if name == "qwen3_moe" else [])]
     cfg = load_run_config(recipe, overrides)
     # The recipe's model section is the converted model's.
     assert dataclasses.asdict(cfg.model) | {"seq_length": 0} == json.load(
@@ -496,7 +587,12 @@ def test_finetuning_a_converted_model_starts_at_the_hf_loss(hf_models, tmp_path)
                                             *[arg for item in overrides for arg in ("--set", item)]), timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    losses = [m["loss"] for m in metrics if "loss" in m]
     first_loss = next(m["loss"] for m in metrics if m["step"] == 1 and "loss" in m)
+    assert len(losses) == 3 and losses[-1] < first_loss, losses
+    # observed: qwen3 6.099 -> 5.834, qwen3_moe 5.907 -> 5.699
+    if name == "qwen3_moe":  # the trainer ran Megatron's MoE layers: it logged their expert load
+        assert all(len(m["expert_load"]) == 3 for m in metrics if "loss" in m)
 
     t = cfg.training
     eval_samples = t.eval_iters * t.global_batch_size
@@ -507,13 +603,13 @@ def test_finetuning_a_converted_model_starts_at_the_hf_loss(hf_models, tmp_path)
     labels = torch.stack([torch.as_tensor(s["labels"]) for s in batch]).long()
     mask = torch.stack([torch.as_tensor(s["loss_mask"]) for s in batch]).double()
     with torch.no_grad():
-        logits = HF_MODULES["qwen3"](tokens).logits
+        logits = HF_MODULES[name](tokens).logits
     hf_loss = (reference_ce(logits, labels, cfg.model.vocab_size) * mask).sum() / mask.sum()
     assert abs(first_loss - hf_loss.item()) / hf_loss.item() < TOLERANCE, (first_loss, hf_loss.item())
 
     # The trainer's checkpoint (iteration 3) exports to HF layout with trained, nonzero gates.
     exported = str(tmp_path / "exported")
-    convert.export_hf(str(tmp_path / "run" / "checkpoints"), exported, hf_dir=hf_models["qwen3"])
+    convert.export_hf(str(tmp_path / "run" / "checkpoints"), exported, hf_dir=hf_models[name])
     gates = [v for k, v in convert.read_hf_weights(exported).items() if k.endswith(".gate")]
     assert len(gates) == 8 and all(g.abs().item() > 0 for g in gates)
 

@@ -429,3 +429,14 @@ def test_llama3_recipe_arguments_parse_with_megatron_lm(tmp_path):
     assert parsed.returncode == 0, parsed.stderr[-3000:]
     assert json.loads(parsed.stdout.splitlines()[-1]) == [
         repr(DeltaResidualConfig("delta_block", 8, "reference")), "hybrid", 32, 2, 4]
+
+
+def test_moe_token_router_is_not_a_routing_parameter():
+    """Megatron's MoE layers hold a token router (mlp.router.weight): no router LR, not counted as
+    routing, not optional when a converted checkpoint is loaded."""
+    from megatron_delta.parameters import is_routing_parameter
+
+    routing = ["decoder.layers.0.attention_router.query", "module.decoder.layers.3.mlp_router.gate",
+               "decoder.final_router.key_norm_weight"]
+    moe = ["decoder.layers.1.mlp.router.weight", "decoder.layers.1.mlp.router.expert_bias"]
+    assert [is_routing_parameter(name) for name in routing + moe] == [True] * 3 + [False] * 2

@@ -190,7 +190,7 @@ def test_finetuning_recipes_continue_the_converted_model():
     exactly the model section `convert import` derives from Qwen3-0.6B's config.json."""
     from megatron_delta.convert import model_config_from_hf
 
-    for name in ("finetune_tiny_cpu.yaml", "finetune_qwen3_0.6b_delta_block.yaml"):
+    for name in ("finetune_tiny_cpu.yaml", "finetune_qwen3_0.6b_delta_block.yaml", "finetune_qwen3_30b_a3b_delta_block.yaml"):
         cfg = load_run_config(config_path(name))
         assert cfg.checkpoint.load and cfg.checkpoint.finetune, name
         assert (cfg.delta.init, cfg.delta.additive, cfg.training.router_lr_mult) == ("identity", True, 100.0), name

@@ -10,4 +10,5 @@ MODEL_CODE_DIR = os.path.dirname(os.path.abspath(__file__))
 FAMILIES = {
     "qwen3": ("delta_qwen3", "DeltaQwen3Config", "DeltaQwen3ForCausalLM"),
     "llama": ("delta_llama", "DeltaLlamaConfig", "DeltaLlamaForCausalLM"),
+    "qwen3_moe": ("delta_qwen3_moe", "DeltaQwen3MoeConfig", "DeltaQwen3MoeForCausalLM"),
 }

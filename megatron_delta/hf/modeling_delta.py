@@ -1,4 +1,4 @@
-"""Delta Attention Residuals in transformers: Qwen3 / Llama causal LMs whose sublayers read a routed input.
+"""Delta Attention Residuals in transformers: Qwen3 / Llama / Qwen3-MoE causal LMs whose sublayers read a routed input.
 
     model = AutoModelForCausalLM.from_pretrained(exported_dir, trust_remote_code=True)
 
@@ -20,9 +20,11 @@ model made of the same weights; a fine-tuned model's gates are what it learned t
 gates to 0 (`model.model.reset_routing_gates()`) gives the base model back.
 
 Routing is per token (no term mixes positions), so the KV cache is transformers' own: each new
-token routes over its own sources. Attention, MLP, norms and rotary embeddings are the Qwen3 /
-Llama modules; only the layer loop and the routers are ours. The causal-LM forward (logits, loss,
-logits_to_keep) is Qwen3's / Llama's. This file is copied into every exported directory and
+token routes over its own sources. Attention, MLP (Qwen3-MoE: its sparse MoE block), norms and
+rotary embeddings are the family's modules; only the layer loop and the routers are ours. The
+causal-LM forward (logits, loss, logits_to_keep) is the family's. Qwen3-MoE weights are stored as
+the hub's Qwen3-MoE checkpoints are (one tensor per expert): this file registers transformers' own
+Qwen3-MoE weight conversion (experts fused on load, split on save) for our model type. This file is copied into every exported directory and
 imports only torch and transformers (written against transformers 5.24); the Megatron model that
 it mirrors is megatron_delta (DeltaGPTModel), which the parity tests compare it with.
 """
@@ -35,7 +37,8 @@ from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.modeling_outputs import BaseModelOutputWithPast, MoeModelOutputWithPast
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
     LlamaForCausalLM,
@@ -50,8 +53,19 @@ from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3RMSNorm,
     Qwen3RotaryEmbedding,
 )
+from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+    Qwen3MoeDecoderLayer,
+    Qwen3MoeForCausalLM,
+    Qwen3MoePreTrainedModel,
+    Qwen3MoeRMSNorm,
+    Qwen3MoeRotaryEmbedding,
+)
 
-from .configuration_delta import DeltaLlamaConfig, DeltaQwen3Config
+from .configuration_delta import DeltaLlamaConfig, DeltaQwen3Config, DeltaQwen3MoeConfig
+
+# Our Qwen3-MoE directories hold the hub's per-expert tensors: load and save them as Qwen3-MoE's do.
+register_checkpoint_conversion_mapping(DeltaQwen3MoeConfig.model_type,
+                                       get_checkpoint_conversion_mapping("qwen3_moe"), overwrite=True)
 
 ADDITIVE_VARIANTS = ("delta", "delta_block")
 BLOCK_VARIANTS = ("delta_block", "attnres_block")
@@ -139,6 +153,10 @@ class DeltaLlamaDecoderLayer(_RoutedDecoderLayer, LlamaDecoderLayer):
     pass
 
 
+class DeltaQwen3MoeDecoderLayer(_RoutedDecoderLayer, Qwen3MoeDecoderLayer):
+    pass
+
+
 class _DeltaPreTrainedModel:
     """Mixin over a family's PreTrainedModel: router initialisation, routers kept in fp32."""
 
@@ -156,9 +174,10 @@ class _DeltaPreTrainedModel:
 
 class _DeltaModel(_DeltaPreTrainedModel):
     """Embedding, routed layers, (final routing,) norm. Subclasses name the family's modules:
-    decoder_layer_class, norm_class, rotary_class."""
+    decoder_layer_class, norm_class, rotary_class, and the family's output class."""
 
     _can_record_outputs = {}  # the layers pass a DepthState, not hidden states
+    output_class = BaseModelOutputWithPast
 
     def __init__(self, config):
         super().__init__(config)
@@ -189,9 +208,12 @@ class _DeltaModel(_DeltaPreTrainedModel):
                 module.gate.zero_()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+                use_cache=None, output_router_logits=False, **kwargs) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if output_router_logits:
+            raise ValueError("output_router_logits=True: the routed model does not record the MoE router logits "
+                             "(no load-balancing loss); leave it False")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -209,7 +231,7 @@ class _DeltaModel(_DeltaPreTrainedModel):
             state = layer(state, attention_mask=mask, position_embeddings=position_embeddings,
                           position_ids=position_ids, cache=cache, use_cache=use_cache, **kwargs)
         final = state.hidden if self.final_router is None else self.final_router(state.sources)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(final), cache=cache if use_cache else None)
+        return self.output_class(last_hidden_state=self.norm(final), cache=cache if use_cache else None)
 
 
 class DeltaQwen3Model(_DeltaModel, Qwen3PreTrainedModel):
@@ -224,6 +246,14 @@ class DeltaLlamaModel(_DeltaModel, LlamaPreTrainedModel):
     config_class = DeltaLlamaConfig
     _no_split_modules = ["DeltaLlamaDecoderLayer"]
     decoder_layer_class, norm_class, rotary_class = DeltaLlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+
+class DeltaQwen3MoeModel(_DeltaModel, Qwen3MoePreTrainedModel):
+    config: DeltaQwen3MoeConfig
+    config_class = DeltaQwen3MoeConfig
+    _no_split_modules = ["DeltaQwen3MoeDecoderLayer"]
+    decoder_layer_class, norm_class, rotary_class = DeltaQwen3MoeDecoderLayer, Qwen3MoeRMSNorm, Qwen3MoeRotaryEmbedding
+    output_class = MoeModelOutputWithPast  # Qwen3-MoE's causal-LM forward reads its router_logits (None)
 
 
 class _DeltaForCausalLM(_DeltaPreTrainedModel):
@@ -251,3 +281,18 @@ class DeltaLlamaForCausalLM(_DeltaForCausalLM, LlamaPreTrainedModel, GenerationM
     base_model_class = DeltaLlamaModel
     _tied_weights_keys = LlamaForCausalLM._tied_weights_keys
     forward = LlamaForCausalLM.forward
+
+
+class DeltaQwen3MoeForCausalLM(_DeltaForCausalLM, Qwen3MoePreTrainedModel, GenerationMixin):
+    config: DeltaQwen3MoeConfig
+    config_class = DeltaQwen3MoeConfig
+    base_model_class = DeltaQwen3MoeModel
+    _tied_weights_keys = Qwen3MoeForCausalLM._tied_weights_keys
+    forward = Qwen3MoeForCausalLM.forward
+
+    def __init__(self, config):
+        super().__init__(config)
+        # what Qwen3-MoE's forward reads for its load-balancing loss
+        self.router_aux_loss_coef = config.router_aux_loss_coef
+        self.num_experts = config.num_experts
+        self.num_experts_per_tok = config.num_experts_per_tok
