@@ -13,8 +13,9 @@
        during the forwards (torch.autograd.graph.saved_tensors_hooks, parameters excluded; the
        loss is a plain sum, which saves nothing). Margin: none, the figures agree to the byte for
        the local backend on CPU. (The transformer_engine terms cannot be measured without a GPU.)
-3. The small model with MoE layers on DP2 x EP2 (dense DP 4, expert DP 2, distributed optimizer),
-   with the alltoall and the allgather dispatcher: parameters and expert parameters per rank, the
+3. The small model with MoE layers on DP2 x EP2 (dense DP 4, expert DP 2, distributed optimizer)
+   with the alltoall and the allgather dispatcher, and on TP2 + SP x EP2 (alltoall with expert TP 1,
+   allgather with expert TP 2): parameters and expert parameters per rank, the
    Adam state of the real optimizer after one step (dense and expert), and the bytes the token
    dispatcher hands to all-gather / reduce-scatter / all-to-all in forward and backward (counted
    by wrapping the collectives), all to the byte (the all-to-all, whose per-rank size follows the
@@ -87,6 +88,12 @@ SMALL_MOE = {
 MOE_CASES = {
     "dp2_ep2_alltoall": ["parallel.moe_token_dispatcher_type=alltoall"],
     "dp2_ep2_allgather": ["parallel.moe_token_dispatcher_type=allgather"],
+    # Tokens split over TP under SP; experts whole (expert TP 1: expert DP 2) or split (expert TP 2:
+    # the allgather dispatcher's group is EP x expert TP = 4 ranks, expert DP 1).
+    "tp2_sp_ep2_alltoall": [TP2, "parallel.sequence_parallel=true", "parallel.expert_tensor_parallel_size=1",
+                            "parallel.moe_token_dispatcher_type=alltoall"],
+    "tp2_sp_ep2_etp2_allgather": [TP2, "parallel.sequence_parallel=true",
+                                  "parallel.moe_token_dispatcher_type=allgather"],
 }
 WORLD = 4
 
@@ -157,7 +164,8 @@ def plan_and_measure(out_dir):
         p = cfg.parallel
         parallel_state.initialize_model_parallel(
             p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size,
-            expert_model_parallel_size=p.expert_model_parallel_size)
+            expert_model_parallel_size=p.expert_model_parallel_size,
+            expert_tensor_parallel_size=p.expert_tensor_parallel_size)
         model_parallel_cuda_manual_seed(0)
         config = build_transformer_config(cfg, on_gpu=False)
         chunks = build_model(cfg, config, cfg.model.vocab_size, on_gpu=False)
@@ -174,6 +182,7 @@ def plan_and_measure(out_dir):
 def _measure(cfg, config, chunks):
     """One step of Megatron's schedule on this rank's chunks, measured."""
     import torch
+    from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import mappings
@@ -219,11 +228,17 @@ def _measure(cfg, config, chunks):
             saved.setdefault(storage.data_ptr(), (storage.nbytes(), tensor))
         return tensor
 
+    # The token dispatcher's groups (the dense layers' TP / SP collectives are not MoE traffic).
+    expert_groups = {id(parallel_state.get_expert_model_parallel_group()),
+                     id(parallel_state.get_expert_tensor_and_model_parallel_group()),
+                     id(parallel_state.get_expert_tensor_parallel_group())}
+
     def counted(name, collective, buffer):
         """`collective`, adding the bytes of its argument number `buffer` (0: output, 1: input)."""
         def call(*args, **kwargs):
-            counts = collectives["forward" if in_forward[0] else "backward"]
-            counts[name] = counts.get(name, 0) + args[buffer].numel() * args[buffer].element_size()
+            if id(kwargs.get("group")) in expert_groups:
+                counts = collectives["forward" if in_forward[0] else "backward"]
+                counts[name] = counts.get(name, 0) + args[buffer].numel() * args[buffer].element_size()
             return collective(*args, **kwargs)
         return call
 
@@ -382,12 +397,13 @@ def test_plan_matches_a_real_four_rank_run(figures, case):
 @pytest.mark.parametrize("case", list(MOE_CASES))
 def test_moe_plan_matches_a_real_four_rank_run(figures, case):
     """Per rank: parameters and expert parameters exactly; the Adam state after one step of the
-    distributed optimizer (dense parameters sharded over 4 ranks, experts over their expert-DP
-    group of 2) exactly, summed over the ranks (a rank's own shard follows Megatron's bucket
-    layout); the token dispatcher's collective bytes in forward and backward exactly, the
-    all-to-all (whose per-rank size follows the routing) summed over the ranks."""
+    distributed optimizer (dense parameters sharded over DP = 4 / TP ranks, experts over their
+    expert-DP group of 4 / (EP x expert TP)) exactly, summed over the ranks (a rank's own shard
+    follows Megatron's bucket layout); the token dispatcher's collective bytes in forward and
+    backward exactly, the all-to-all (whose per-rank size follows the routing) summed over the ranks."""
     plan, measured = figures["cases"][case], [ranks[case] for ranks in figures["measured"]]
-    assert (plan["dp"], plan["ep"], plan["expert_dp"]) == (4, 2, 2)
+    assert plan["ep"] == 2 and plan["dp"] == WORLD // plan["tp"]
+    assert plan["expert_dp"] == WORLD // (plan["ep"] * plan["etp"])
     stage = plan["stages"][0]
     assert stage["moe_layers"] == 3 and 0 < stage["expert_params"] < stage["params"]
     # Depth routing only: 4 x hidden per layer, not the MoE layers' expert routers.
@@ -395,8 +411,8 @@ def test_moe_plan_matches_a_real_four_rank_run(figures, case):
     for real in measured:
         assert (stage["params"], stage["expert_params"]) == (real["params"], real["expert_params"])
     dense_optimizer = stage["optimizer_bytes"] - stage["expert_optimizer_bytes"]
-    assert dense_optimizer == 8 * (stage["params"] - stage["expert_params"]) // 4  # fp32 Adam: 2 x 4 bytes
-    assert stage["expert_optimizer_bytes"] == 8 * stage["expert_params"] // 2
+    assert dense_optimizer == 8 * (stage["params"] - stage["expert_params"]) // plan["dp"]  # fp32 Adam: 2 x 4 B
+    assert stage["expert_optimizer_bytes"] == 8 * stage["expert_params"] // plan["expert_dp"]
     assert sum(real["dense_optimizer_bytes"] for real in measured) == WORLD * dense_optimizer
     assert sum(real["expert_optimizer_bytes"] for real in measured) == WORLD * stage["expert_optimizer_bytes"]
     for direction in ("forward", "backward"):
