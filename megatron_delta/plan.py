@@ -58,13 +58,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
 import json
 import sys
 
 import torch
 
+from megatron_delta import mesh
 from megatron_delta.config import DeltaConfigError
 from megatron_delta.data import DataError, build_tokenizer
 from megatron_delta.parameters import count_parameters, is_expert_parameter
@@ -136,34 +136,6 @@ class Plan:
 
 # ---------------------------------------------------------------------------------------------
 # Building a pipeline rank's chunks on the meta device
-
-
-@contextlib.contextmanager
-def _as_pipeline_rank(config, pp_rank: int):
-    """A one-process torch.distributed world ("fake" backend: groups of the real sizes, no
-    communication) in which this process is TP rank 0 (and expert-parallel rank 0) of pipeline rank
-    `pp_rank`, with Megatron's parallel_state initialised on it. Data parallelism does not change a
-    model, so a stage has the fewest ranks that hold both a TP group and an EP x expert-TP group."""
-    import math
-
-    from megatron.core import parallel_state
-
-    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
-    ep, etp = config.expert_model_parallel_size, config.expert_tensor_parallel_size or tp
-    stage = math.lcm(tp, ep * etp)
-    if torch.distributed.is_initialized():
-        raise RuntimeError("megatron-delta plan builds its own one-process world; run it in a fresh process "
-                           "(torch.distributed is already initialised here)")
-    torch.distributed.init_process_group("fake", rank=pp_rank * stage, world_size=stage * pp)
-    try:
-        parallel_state.initialize_model_parallel(
-            tp, pp, config.virtual_pipeline_model_parallel_size, create_gloo_process_groups=False,
-            expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
-        )
-        yield
-    finally:
-        parallel_state.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
 
 
 def _build_chunks(cfg: RunConfig, config, vocab_size: int) -> list:
@@ -586,7 +558,7 @@ def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_memory_gb: flo
 
     stages, total_params, routing_params, total_expert_params = [], 0, 0, 0
     for pp_rank in range(pp):
-        with _as_pipeline_rank(config, pp_rank):
+        with mesh.planning_rank(config, pp_rank):
             chunks = _build_chunks(cfg, config, vocab)
             params = sum(p.numel() for c in chunks for p in c.parameters())
             expert_params = sum(p.numel() for c in chunks for p in c.parameters() if is_expert_parameter(p))
