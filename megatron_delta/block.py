@@ -86,7 +86,7 @@ class DeltaTransformerBlock(TransformerBlock):
             state = dataclasses.replace(state, sources=handoff.add(state.sources))
         received = len(state.sources)
         with rng_context, (get_fp8_context(self.config) if delayed_fp8 else nullcontext()):
-            for start, end, recompute in self._layer_groups():
+            for start, end, recompute in self.layer_groups():
                 if recompute:
                     state = self._checkpointed(start, end, state, layer_kwargs)
                 else:
@@ -105,13 +105,13 @@ class DeltaTransformerBlock(TransformerBlock):
 
     def _run_layers(self, start, end, state, layer_kwargs):
         per_layer_fp8 = self.config.fp8 and self.config.fp8_recipe != Fp8Recipe.delayed
-        for run in self._routing_runs(self.layers[start:end]):
+        for run in self.routing_runs(self.layers[start:end]):
             for layer, routed in zip(run, self._route_run(run, state)):
                 with get_fp8_context(self.config, layer.layer_number - 1) if per_layer_fp8 else nullcontext():
                     state = layer(state, routed=routed, **layer_kwargs)
         return state
 
-    def _routing_runs(self, layers):
+    def routing_runs(self, layers):
         """Runs of consecutive layers whose sublayers all read the same sources. delta_block: the
         layers of one block (its sources change only when it closes); the other variants' sources
         change every sublayer, so their layers route for themselves (one run, nothing routed ahead)."""
@@ -142,7 +142,7 @@ class DeltaTransformerBlock(TransformerBlock):
             )
         return self.source_cache
 
-    def _layer_groups(self):
+    def layer_groups(self):
         """(start, end, recompute) ranges of local layers, following Megatron's full-recompute
         methods: 'uniform' checkpoints every group of recompute_num_layers, 'block' checkpoints
         the first recompute_num_layers layers one by one."""

@@ -79,11 +79,20 @@ class DeltaTransformerLayer(TransformerLayer):
                 )
             return self.mlp(normed, padding_mask=padding_mask)
 
-        state = self._sublayer(state, self.attention_router, attention, self.self_attn_bda, routed[0])
-        state = self._sublayer(state, self.mlp_router, mlp, self.mlp_bda, routed[1])
+        sublayers = ((self.attention_router, attention, self.self_attn_bda, routed[0]),
+                     (self.mlp_router, mlp, self.mlp_bda, routed[1]))
+        return self.advance(state, lambda state, index: self._sublayer(state, *sublayers[index]))
+
+    def advance(self, state: DepthState, sublayer) -> DepthState:
+        """The layer's depth bookkeeping: attention (index 0), then MLP (1), each output
+        v = sublayer(state, index) joining the state; a block closes after its last layer.
+        `megatron-delta plan` walks a stage through this same method with placeholder outputs."""
+        for index in range(2):
+            state = state.add_output(sublayer(state, index))
         return state.close_block() if self.ends_block else state
 
-    def _sublayer(self, state: DepthState, router: DepthRouter, op, bias_dropout_add, routed) -> DepthState:
+    def _sublayer(self, state: DepthState, router: DepthRouter, op, bias_dropout_add, routed):
+        """The sublayer's output v (not yet added to the state)."""
         # h = x + r (additive) or h = r (replacement: no x). Precomputed terms come only from
         # delta_block, which is additive.
         if routed is None:
@@ -97,4 +106,4 @@ class DeltaTransformerLayer(TransformerLayer):
             v = bias_dropout_add(self.training, self.config.bias_dropout_fusion)(
                 output_with_bias, torch.zeros((), dtype=h.dtype, device=h.device), self.hidden_dropout
             )
-        return state.add_output(v)
+        return v

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import socket
@@ -154,18 +155,25 @@ def one_process():
 
 
 @contextlib.contextmanager
-def planning_rank(tp: int, pp: int, vpp: int | None, pp_rank: int):
+def planning_rank(config, pp_rank: int):
     """A one-process world with the "fake" backend (groups of the real sizes, no communication) in
-    which this process is TP rank 0 of pipeline rank `pp_rank`, with Megatron's mesh on it. Data
-    parallelism does not change a model, so the world is TP x PP."""
+    which this process is TP rank 0 (and expert-parallel rank 0) of pipeline rank `pp_rank` of a
+    TransformerConfig's layout, with Megatron's mesh on it. Data parallelism does not change a
+    model, so a stage has the fewest ranks that hold both a TP group and an EP x expert-TP group."""
     from megatron.core import parallel_state
 
+    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
+    ep, etp = config.expert_model_parallel_size, config.expert_tensor_parallel_size or tp
+    stage = math.lcm(tp, ep * etp)
     if dist.is_initialized():
         raise MeshError("megatron-delta plan builds its own one-process world; run it in a fresh process "
                         "(torch.distributed is already initialised here)")
-    dist.init_process_group("fake", rank=pp_rank * tp, world_size=tp * pp)
+    dist.init_process_group("fake", rank=pp_rank * stage, world_size=stage * pp)
     try:
-        parallel_state.initialize_model_parallel(tp, pp, vpp, create_gloo_process_groups=False)
+        parallel_state.initialize_model_parallel(
+            tp, pp, config.virtual_pipeline_model_parallel_size, create_gloo_process_groups=False,
+            expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
+        )
         yield
     finally:
         parallel_state.destroy_model_parallel()

@@ -31,16 +31,29 @@ def router_lr_overrides(optimizer_config, router_lr_mult: float) -> dict:
         max_lr=optimizer_config.lr * router_lr_mult, min_lr=optimizer_config.min_lr * router_lr_mult)}
 
 
-def count_parameters(chunks, tensor_model_parallel_size: int) -> tuple[int, int]:
-    """(all parameters, routing parameters) of one pipeline rank's model chunks, for its whole
-    tensor-parallel group: TP-split weights count tp times, the tied output-layer copy on the last
-    stage (`shared`) not at all. Summing this over pipeline ranks gives the model's size."""
-    total = routing = 0
+def is_expert_parameter(param) -> bool:
+    """Megatron's mark for expert weights: split over expert-parallel ranks and reduced (and, by
+    the distributed optimizer, sharded) over the expert-data-parallel group instead of the DP group."""
+    return not getattr(param, "allreduce", True)
+
+
+def count_parameters(chunks, tensor_model_parallel_size: int, expert_model_parallel_size: int = 1,
+                     expert_tensor_parallel_size: int = 1) -> tuple[int, int, int]:
+    """(all parameters, routing parameters, expert parameters) of one pipeline rank's model chunks, for its whole
+    tensor- and expert-parallel group: TP-split weights count tp times, expert weights ep times
+    (and etp times when split over expert TP), the tied output-layer copy on the last stage
+    (`shared`) not at all. Summing this over pipeline ranks gives the model's size."""
+    total = routing = experts = 0
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             if getattr(param, "shared", False):
                 continue
             split = getattr(param, "tensor_model_parallel", False)
-            total += param.numel() * (tensor_model_parallel_size if split else 1)
+            if is_expert_parameter(param):
+                copies = expert_model_parallel_size * (expert_tensor_parallel_size if split else 1)
+                experts += param.numel() * copies
+            else:
+                copies = tensor_model_parallel_size if split else 1
+            total += param.numel() * copies
             routing += param.numel() if is_routing_parameter(name) else 0
-    return total, routing
+    return total, routing, experts

@@ -9,6 +9,11 @@ Exact (counted on real Megatron models):
                    on the meta device (no memory), in a one-process torch.distributed world of the
                    "fake" backend whose ranks say "tensor-parallel rank 0 of pipeline rank r": Megatron
                    shards every layer for the real TP size and builds the real layers of that stage.
+                   MoE: the world also has the expert groups, so a rank holds its EP rank's experts
+                   (each split over expert TP).
+    MoE traffic    moe_collective_bytes: what the token dispatcher hands to all-gather, reduce-scatter
+                   and all-to-all per MoE layer and micro-batch, forward and backward (all-to-all:
+                   what a rank receives follows the routing; counted balanced, the mean over ranks).
     sends          transport.boundary_bytes: the packed DepthState a stage sends per micro-batch (and
                    the gradient of the same size it receives back).
 
@@ -21,13 +26,16 @@ layer: GQA attention, SwiGLU/GeLU MLP, RMSNorm, RoPE, TP/SP sharding), plus what
                    multiplies it.
     sources        every source a sublayer of the stage routes over stays alive until backward: x_0
                    and the block deltas (delta_block), every sublayer output (delta, attnres_full), the
-                   partial block sums (attnres_block). Found by running DepthState's own bookkeeping
-                   over the stage's layers, so sources shared by several sublayers count once.
+                   partial block sums (attnres_block). Found by walking the stage through the
+                   model's own bookkeeping (each layer's `advance`, i.e. DepthState's updates, the
+                   block's layer groups and entry state) on placeholders, so sources shared by
+                   several sublayers count once.
     pipeline input the received [slots * s, b, h] message: its sources are views of it, so the whole
                    message is kept until the stage's backward. Interleaved PP: sources a rank keeps
                    for its next chunk count once, on the chunk that received or made them.
 For the local backend (torch ops, as on CPU) the sum agrees to the byte with the saved-tensor bytes
-of real runs (tests/test_plan.py: TP2+SP, recompute, PP2 for four variants, PP2 x VPP2); the
+of real runs (tests/test_plan.py: TP2+SP, recompute, PP2 for four variants, PP2 x VPP2); MoE layers
+(moe_mlp: router, the experts' MLPs on balanced routing, a shared expert) are an estimate; the
 transformer_engine terms follow what TE's fused LayerNorm-linear and flash attention keep (input,
 normalised input, inverse RMS; q, k, v, output, log-sum-exp) and cannot be measured without a GPU.
 
@@ -38,7 +46,9 @@ model-chunk micro-batches (each 1/vpp of a stage), i.e. more.
 
 Bytes per parameter, as `megatron-delta train` keeps them: bf16/fp16 weights (2), fp32 main gradients
 (4, DDP grad_reduce_in_fp32), fp32 master weights + Adam exp_avg + exp_avg_sq (12), the last sharded
-over data-parallel ranks by the distributed optimizer. fp32 runs: 4 + 4 + 8.
+over data-parallel ranks by the distributed optimizer (expert parameters: over the expert-data-parallel
+group, world / (pp x ep x expert tp), as Megatron-Core's get_megatron_optimizer builds a second
+optimizer for them). fp32 runs: 4 + 4 + 8.
 
 Not modelled (covered by --reserve-gb): CUDA context, NCCL and cuBLAS workspaces, allocator
 fragmentation, DDP bucket padding, gradients of activations during backward.
@@ -47,16 +57,17 @@ fragmentation, DDP bucket padding, gradients of activations during backward.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import collections
 import dataclasses
 import json
 import sys
 
 import torch
 
+from megatron_delta import mesh
 from megatron_delta.config import DeltaConfigError
 from megatron_delta.data import DataError, build_tokenizer
-from megatron_delta.parameters import count_parameters
+from megatron_delta.parameters import count_parameters, is_expert_parameter
 from megatron_delta.run_config import RunConfig, RunConfigError, build_model_chunk, build_transformer_config
 from megatron_delta.run_config import load_run_config, padded_vocab_size
 
@@ -72,15 +83,19 @@ class StagePlan:
     layers: list  # [(first, last)] 1-based global layer numbers, one pair per model chunk
     params: int
     routing_params: int
+    expert_params: int  # of `params`: this rank's share of the experts (its EP rank's, ETP-split)
     weight_bytes: int
     grad_bytes: int
     optimizer_bytes: int
+    expert_optimizer_bytes: int  # of `optimizer_bytes`: the expert parameters' share
     activation_parts: dict  # per micro-batch, summed over the rank's chunks: part -> bytes
     activation_bytes_per_microbatch: int
     microbatches_in_flight: int  # model-chunk micro-batches at the peak
     activation_bytes: int  # at the peak of the schedule
     transient_bytes: int  # one-off buffers on top of the held activations (see _transient_bytes)
     send_bytes_per_microbatch: int  # forward message to the next stage (0 on the last)
+    moe_layers: int
+    moe_collective_bytes: dict  # per micro-batch, all MoE layers: "forward"/"backward" -> collective -> bytes
     total_bytes: int
     fits: bool
 
@@ -96,6 +111,10 @@ class Plan:
     dp: int
     sequence_parallel: bool
     distributed_optimizer: bool
+    ep: int
+    etp: int
+    expert_dp: int  # the expert-data-parallel group the distributed optimizer shards experts over
+    dispatcher: str | None
     num_microbatches: int
     micro_batch_size: int
     seq_length: int
@@ -105,6 +124,7 @@ class Plan:
     vocab_size: int
     total_params: int
     routing_params: int
+    expert_params: int  # of total_params
     gpu_memory_bytes: int
     reserve_bytes: int
     stages: list
@@ -118,29 +138,6 @@ class Plan:
 # Building a pipeline rank's chunks on the meta device
 
 
-@contextlib.contextmanager
-def _as_pipeline_rank(config, pp_rank: int):
-    """A one-process torch.distributed world ("fake" backend: groups of the real sizes, no
-    communication) in which this process is TP rank 0 of pipeline rank `pp_rank`, with Megatron's
-    parallel_state initialised on it. Data parallelism does not change a model, so the world is
-    TP x PP."""
-    from megatron.core import parallel_state
-
-    tp, pp = config.tensor_model_parallel_size, config.pipeline_model_parallel_size
-    if torch.distributed.is_initialized():
-        raise RuntimeError("megatron-delta plan builds its own one-process world; run it in a fresh process "
-                           "(torch.distributed is already initialised here)")
-    torch.distributed.init_process_group("fake", rank=pp_rank * tp, world_size=tp * pp)
-    try:
-        parallel_state.initialize_model_parallel(
-            tp, pp, config.virtual_pipeline_model_parallel_size, create_gloo_process_groups=False
-        )
-        yield
-    finally:
-        parallel_state.destroy_model_parallel()
-        torch.distributed.destroy_process_group()
-
-
 def _build_chunks(cfg: RunConfig, config, vocab_size: int) -> list:
     """This pipeline rank's DeltaGPTModel chunks as `megatron-delta train` builds them, on meta.
 
@@ -152,6 +149,11 @@ def _build_chunks(cfg: RunConfig, config, vocab_size: int) -> list:
     # gradient later), which a meta tensor cannot take part in; nothing it does changes a count.
     groups = ProcessGroupCollection.use_mpu_process_groups()
     groups.embd = None
+    # Token dispatchers hold no parameters, and grouped-GEMM experts hold the same ones as
+    # sequential experts; the alltoall dispatcher makes CUDA streams when built and grouped GEMM
+    # needs its GPU library, which a planning host may not have.
+    if config.num_moe_experts:
+        config = dataclasses.replace(config, moe_token_dispatcher_type="allgather", moe_grouped_gemm=False)
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -265,10 +267,28 @@ class ActivationModel:
         # also keeps silu(a) and the `b + glu_linear_offset` copy.
         return (3 if c.bias_activation_fusion else 5) * width
 
-    def layer(self) -> int:
+    def moe_mlp(self) -> int:
+        """An MoE MLP (estimate, routing-dependent; not measured): the router's fp32 scores and
+        probabilities [tokens, experts] and top-k indices, the experts' MLPs on the tokens this
+        rank's experts receive when routing is balanced (tokens x topk x expert TP, each expert's
+        input kept, probabilities applied to its output), and the shared expert's dense MLP."""
+        s, c = self.s, self.config
+        if c.recompute_granularity == "selective" and "mlp" in c.recompute_modules:
+            return 0
+        router = s.sp_tokens * (2 * c.num_moe_experts * FP32 + c.moe_router_topk * 8)
+        routed = s.sp_tokens * c.moe_router_topk * c.expert_tensor_parallel_size
+        width = routed * (c.moe_ffn_hidden_size // c.expert_tensor_parallel_size) * s.elem
+        experts = (3 if c.gated_linear_unit and c.bias_activation_fusion else 5 if c.gated_linear_unit else 2) * width
+        experts += 2 * routed * s.hidden * s.elem + routed * s.elem  # expert inputs, outputs x probs
+        shared = c.moe_shared_expert_intermediate_size or 0
+        shared_mlp = self.mlp() * shared // c.ffn_hidden_size if shared else 0
+        return router + experts + shared_mlp
+
+    def layer(self, moe: bool = False) -> int:
         """One layer's own tensors, without its stream inputs and routing."""
         dropout = 2 * self.s.sp_tokens * self.s.hidden if self.config.hidden_dropout > 0 else 0
-        return 2 * self.norm_and_linear_input() + self.attention() + self.mlp() + dropout
+        mlp = self.moe_mlp() if moe else self.mlp()
+        return 2 * self.norm_and_linear_input() + self.attention() + mlp + dropout
 
     def routing_call(self, num_sources: int, gated: bool) -> int:
         """What one route() call over `num_sources` sources keeps besides the sources."""
@@ -297,17 +317,62 @@ class ActivationModel:
         return self.norm_and_linear_input() + s.tokens * s.vocab * FP32 + s.tokens * (1 + 8)
 
 
+def moe_collective_bytes(config, s: _Shapes) -> dict:
+    """What one MoE layer's token dispatcher hands to collectives on one rank per micro-batch,
+    {"forward" | "backward": {collective: bytes}}: the output buffer of an all-gather, the input
+    of a reduce-scatter and of an all-to-all (what crosses the network is (n - 1) / n of that in a
+    group of n). The tokens a rank *receives* in an all-to-all depend on the routing: counted as
+    balanced (dropless routing: over the EP group, received = sent = tokens x topk), which is the
+    mean over ranks; everything else is exact.
+
+    allgather (group: EP x expert TP, n ranks): forward all-gathers the routing map (bool), the
+    probabilities and the tokens, and reduce-scatters the experts' output (in the probabilities'
+    dtype); backward reduce-scatters the token and probability gradients and all-gathers the
+    output's gradient.
+    alltoall: forward all-gathers the tokens-per-expert counts (int64) over EP x expert TP, sends
+    the permuted tokens (tokens x topk rows) and their probabilities to the experts' EP ranks and
+    the experts' output back; backward sends the three gradients the other way. With expert TP > 1
+    the received tokens and probabilities are also all-gathered, and the output reduce-scattered,
+    over expert TP."""
+    ep, etp = config.expert_model_parallel_size, config.expert_tensor_parallel_size
+    n = ep * etp
+    forward, backward = collections.Counter(), collections.Counter()
+    if n == 1:
+        return {"forward": {}, "backward": {}}
+    tokens, h, e, experts, k = s.sp_tokens, s.hidden, s.elem, config.num_moe_experts, config.moe_router_topk
+    pe = {"fp32": 4, "fp64": 8}.get(config.moe_router_dtype, e)  # the router's output dtype
+    if config.moe_token_dispatcher_type == "allgather":
+        forward["all-gather"] += n * tokens * (experts * (1 + pe) + h * e)
+        forward["reduce-scatter"] += n * tokens * h * pe
+        backward["reduce-scatter"] += n * tokens * (h * e + experts * pe)
+        backward["all-gather"] += n * tokens * h * pe
+    else:
+        routed = tokens * k
+        forward["all-gather"] += n * experts * 8
+        forward["all-to-all"] += routed * (2 * h * e + pe)
+        backward["all-to-all"] += routed * (2 * h * e + pe)
+        if etp > 1:
+            forward["all-gather"] += etp * routed * (h * e + pe)
+            forward["reduce-scatter"] += etp * routed * h * pe
+            backward["reduce-scatter"] += etp * routed * (h * e + pe)
+            backward["all-gather"] += etp * routed * h * pe
+    return {"forward": dict(forward), "backward": dict(backward)}
+
+
 def _placeholder():
     return torch.empty((), device="meta")
 
 
 def _walk_stream(block, delta, recompute_groups):
-    """Which residual-stream tensors backward keeps, found by running the stage's bookkeeping on
-    placeholders: DepthState for routed models, the plain residual stream for the standard one.
+    """Which residual-stream tensors backward keeps, found by walking the stage through the
+    model's own bookkeeping on placeholders: the block's entry state (transport.unpack) and layer
+    groups, each layer's `advance` (DepthState: sublayer order, block closing), the hand-off to the
+    rank's next chunk and the final router. The standard model keeps its plain residual stream.
 
     Returns ({"layer inputs": n, "sources": n} stream tensors created on this chunk and kept (the
     received ones live in the pipeline message), K of every kept route() call, K of every
     recomputed route() call per recompute group)."""
+    from megatron_delta import transport
     from megatron_delta.state import DepthState
 
     # id -> (tensor, kind); holding the placeholders keeps their ids from being reused.
@@ -319,46 +384,42 @@ def _walk_stream(block, delta, recompute_groups):
                 kept[id(t)] = (t, kind)
 
     if not delta.routed:
-        x = _placeholder()
-        if not block.pre_process:
-            received[id(x)] = x
-    elif block.pre_process:
+        return _walk_plain_stream(block, recompute_groups)
+    if block.pre_process:
         state = DepthState.start(block.rules, _placeholder())
     else:
-        layout = block.boundary_in.layout
-        state = DepthState.from_tensors(block.rules, layout, [_placeholder() for _ in range(layout.num_tensors)])
+        boundary, slots = block.boundary_in, block.pipeline_slots
+        state = transport.unpack(torch.empty(slots, device="meta"), block.rules, boundary, slots,
+                                 [_placeholder() for _ in range(boundary.kept)])
         received.update((id(t), t) for t in state.tensors())
 
     calls, recomputed = [], []
     for start, end, recompute in recompute_groups:
         group_calls = []
         if recompute:  # the checkpoint keeps its tensor inputs: the state entering the group
-            keep("layer inputs", *(state.tensors() if delta.routed else [x]))
+            keep("layer inputs", *state.tensors())
+
+        def sublayer(state, index):
+            """A sublayer's route() over state.route_sources() and its output v."""
+            sources = state.route_sources()
+            (group_calls if recompute else calls).append(len(sources))
+            if not recompute:
+                keep("sources", *sources)
+                keep("layer inputs", _placeholder())  # h = x + r (or r): the pre-norm's input
+            return _placeholder()
+
         for layer in block.layers[start:end]:
-            for _ in ("attention", "mlp"):
-                if not delta.routed:
-                    if not recompute:
-                        keep("layer inputs", x)  # the pre-norm's input
-                    x = _placeholder()  # x + v
-                    continue
-                sources = state.route_sources()
-                (group_calls if recompute else calls).append(len(sources))
-                if not recompute:
-                    keep("sources", *sources)
-                    keep("layer inputs", _placeholder())  # h = x + r (or r): the pre-norm's input
-                state = state.add_output(_placeholder())
-            if delta.routed and layer.ends_block:
-                state = state.close_block()
+            state = layer.advance(state, sublayer)
         if recompute:
             recomputed.append(group_calls)
-    if delta.routed and block.keeps_sources:  # held for the rank's next chunk until this one's backward
+    if block.keeps_sources:  # held for the rank's next chunk until this one's backward
         keep("sources", *state.sources)
-    if delta.routed and getattr(block, "final_router", None) is not None:
+    if block.final_router is not None:
         calls.append(len(state.sources))
         keep("sources", *state.sources)
         keep("layer inputs", _placeholder())  # the final norm's input r
     elif block.post_process:
-        keep("layer inputs", state.hidden if delta.routed else x)  # the final norm's input x
+        keep("layer inputs", state.hidden)  # the final norm's input x
     counts = {"layer inputs": 0, "sources": 0}
     for key, (_, kind) in kept.items():
         if key not in received:
@@ -366,12 +427,29 @@ def _walk_stream(block, delta, recompute_groups):
     return counts, calls, recomputed
 
 
+def _walk_plain_stream(block, recompute_groups):
+    """_walk_stream for the standard model (Megatron's TransformerBlock): the input of every
+    pre-norm outside recomputed groups, the input of every recomputed group and the final norm's
+    input, less the received stream."""
+    kept = sum(1 if recompute else 2 * (end - start) for start, end, recompute in recompute_groups)
+    kept += 1 if block.post_process else 0
+    kept -= 0 if block.pre_process else 1  # the first of them is the received message
+    return {"layer inputs": kept, "sources": 0}, [], [[] for *_, recompute in recompute_groups if recompute]
+
+
 def _layer_groups(block):
     """(start, end, recompute) over the chunk's layers: DeltaTransformerBlock's split, which is
-    also how Megatron's TransformerBlock groups layers for full recompute."""
+    also how Megatron's TransformerBlock (the standard model's decoder) groups layers for full
+    recompute."""
     from megatron_delta.block import DeltaTransformerBlock
 
-    return DeltaTransformerBlock._layer_groups(block)
+    return DeltaTransformerBlock.layer_groups(block)
+
+
+def is_moe_layer(layer) -> bool:
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    return isinstance(layer.mlp, MoELayer)
 
 
 def chunk_activations(chunk, delta, model: ActivationModel, slots: int) -> tuple[dict, int]:
@@ -383,8 +461,13 @@ def chunk_activations(chunk, delta, model: ActivationModel, slots: int) -> tuple
     kept_layers = sum(end - start for start, end, recompute in groups if not recompute)
     gated = delta.has_gate
     s = model.s
+
+    def layers(start, end):
+        return sum(model.layer(moe=is_moe_layer(layer)) for layer in block.layers[start:end])
+
     parts = {
-        "layers": kept_layers * model.layer() + (model.attention_mask() if kept_layers else 0),
+        "layers": sum(layers(start, end) for start, end, recompute in groups if not recompute)
+                  + (model.attention_mask() if kept_layers else 0),
         "layer inputs": kept_stream["layer inputs"] * model.stream_bytes,
         "sources": kept_stream["sources"] * model.stream_bytes,
         "routing": sum(model.routing_call(k, gated) for k in calls),
@@ -395,7 +478,7 @@ def chunk_activations(chunk, delta, model: ActivationModel, slots: int) -> tuple
     # Backward of a recomputed group runs its forward again: its layers' tensors, one group at a time.
     recomputed_groups = [(start, end) for start, end, recompute in groups if recompute]
     recompute_peak = max(
-        [(end - start) * (model.layer() + 2 * model.stream_bytes) + model.attention_mask()
+        [layers(start, end) + (end - start) * 2 * model.stream_bytes + model.attention_mask()
          + sum(model.routing_call(k, gated) for k in group_calls)
          for (start, end), group_calls in zip(recomputed_groups, recomputed)],
         default=0,
@@ -403,7 +486,7 @@ def chunk_activations(chunk, delta, model: ActivationModel, slots: int) -> tuple
     # delta_block routes the sublayers of a block (as far as it lies in one layer group) in one
     # pass: their routed terms exist together while the block's layers run.
     routed_ahead = max([2 * len(run) * model.stream_bytes for start, end, _ in groups
-                        for run in block._routing_runs(block.layers[start:end])],
+                        for run in block.routing_runs(block.layers[start:end])],
                        default=0) if delta.block_sources_fixed else 0
     return parts, max(recompute_peak, routed_ahead)
 
@@ -465,16 +548,25 @@ def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_memory_gb: flo
     mixed = config.bf16 or config.fp16
     weight_per_param = _bytes(config.params_dtype)
     grad_per_param = FP32 if mixed else weight_per_param
-    optimizer_per_param = (3 if mixed else 2) * FP32 / (dp if cfg.parallel.use_distributed_optimizer else 1)
+    ep, etp = config.expert_model_parallel_size, config.expert_tensor_parallel_size
+    # Megatron's expert mesh: EP x expert TP x PP, the rest is the expert-data-parallel group, over
+    # which the distributed optimizer shards expert parameters (dense ones: over DP).
+    expert_dp = world // (pp * ep * etp)
+    sharded = cfg.parallel.use_distributed_optimizer
+    optimizer_per_param = (3 if mixed else 2) * FP32
+    moe_layer_bytes = moe_collective_bytes(config, shapes) if config.num_moe_experts else None
 
-    stages, total_params, routing_params = [], 0, 0
+    stages, total_params, routing_params, total_expert_params = [], 0, 0, 0
     for pp_rank in range(pp):
-        with _as_pipeline_rank(config, pp_rank):
+        with mesh.planning_rank(config, pp_rank):
             chunks = _build_chunks(cfg, config, vocab)
             params = sum(p.numel() for c in chunks for p in c.parameters())
-            stage_total, routing = count_parameters(chunks, tp)
+            expert_params = sum(p.numel() for c in chunks for p in c.parameters() if is_expert_parameter(p))
+            stage_total, routing, stage_experts = count_parameters(chunks, tp, ep, etp)
             total_params += stage_total
+            total_expert_params += stage_experts
             routing_params += routing
+            moe_layers = sum(is_moe_layer(layer) for c in chunks for layer in c.decoder.layers)
             per_chunk = [chunk_activations(c, delta, model, slots) for c in chunks]
             chunk_bytes = [sum(parts.values()) for parts, _ in per_chunk]
             peak, in_flight = _in_flight(chunk_bytes, micro, config)
@@ -486,21 +578,29 @@ def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_memory_gb: flo
         transient = max([logits_copy] + [r for _, r in per_chunk])
         sends = [b["sent_bytes"] for i, b in enumerate(boundaries) if i % pp == pp_rank]
         weights, grads = params * weight_per_param, params * grad_per_param
-        optimizer = int(params * optimizer_per_param)
+        dense_optimizer = (params - expert_params) * optimizer_per_param // (dp if sharded else 1)
+        expert_optimizer = expert_params * optimizer_per_param // (expert_dp if sharded else 1)
+        optimizer = dense_optimizer + expert_optimizer
+        collectives = {direction: {name: moe_layers * n for name, n in per_layer.items()}
+                       for direction, per_layer in (moe_layer_bytes or {}).items()}
         total = weights + grads + optimizer + peak + transient
         stages.append(StagePlan(
-            pp_rank=pp_rank, layers=layers, params=params, routing_params=routing, weight_bytes=weights,
-            grad_bytes=grads, optimizer_bytes=optimizer, activation_parts=parts,
+            pp_rank=pp_rank, layers=layers, params=params, routing_params=routing, expert_params=expert_params,
+            weight_bytes=weights, grad_bytes=grads, optimizer_bytes=optimizer, expert_optimizer_bytes=expert_optimizer,
+            activation_parts=parts,
             activation_bytes_per_microbatch=sum(chunk_bytes), microbatches_in_flight=in_flight,
             activation_bytes=peak, transient_bytes=transient, send_bytes_per_microbatch=max(sends, default=0),
-            total_bytes=total, fits=total <= (gpu_memory_gb - reserve_gb) * GiB,
+            moe_layers=moe_layers, moe_collective_bytes=collectives, total_bytes=total,
+            fits=total <= (gpu_memory_gb - reserve_gb) * GiB,
         ))
     return Plan(
         config_path=config_path, nodes=nodes, gpus_per_node=gpus_per_node, tp=tp, pp=pp, vpp=vpp, dp=dp,
         sequence_parallel=config.sequence_parallel, distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        ep=ep, etp=etp, expert_dp=expert_dp,
+        dispatcher=config.moe_token_dispatcher_type if config.num_moe_experts else None,
         num_microbatches=micro, micro_batch_size=t.micro_batch_size, seq_length=cfg.model.seq_length,
         precision=t.precision if on_gpu else "fp32", backend=cfg.model.transformer_impl, variant=delta.variant,
-        vocab_size=vocab, total_params=total_params, routing_params=routing_params,
+        vocab_size=vocab, total_params=total_params, routing_params=routing_params, expert_params=total_expert_params,
         gpu_memory_bytes=int(gpu_memory_gb * GiB), reserve_bytes=int(reserve_gb * GiB), stages=stages,
         boundaries=boundaries,
     )
@@ -524,6 +624,19 @@ def _table(header: list, rows: list) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
+def _moe_summary(plan: Plan, m) -> list:
+    """The model line's MoE continuation: experts, MoE layers, expert and active parameters
+    (active: all but the (experts - topk) / experts share of the expert weights a token skips)."""
+    if not plan.dispatcher:
+        return []
+    shared = m.moe_shared_expert_intermediate_size
+    skipped = plan.expert_params * (m.num_moe_experts - m.moe_router_topk) // m.num_moe_experts
+    return [f"        {m.num_moe_experts} experts, top-{m.moe_router_topk}, expert ffn "
+            f"{m.moe_ffn_hidden_size or m.ffn_hidden_size}{f', shared expert ffn {shared}' if shared else ''}, "
+            f"{sum(s.moe_layers for s in plan.stages)} MoE layers: {plan.expert_params:,} expert parameters, "
+            f"{plan.total_params - skipped:,} active per token"]
+
+
 def format_plan(plan: Plan, cfg: RunConfig) -> str:
     m, d = cfg.model, cfg.delta
     schedule = ("no pipeline" if plan.pp == 1 else
@@ -532,12 +645,16 @@ def format_plan(plan: Plan, cfg: RunConfig) -> str:
     layout = (f"TP {plan.tp}{' + SP' if plan.sequence_parallel else ''} x PP {plan.pp}"
               f"{f' (VPP {plan.vpp})' if plan.vpp else ''} x DP {plan.dp}"
               f"{', distributed optimizer' if plan.distributed_optimizer else ''}")
+    if plan.dispatcher:
+        layout += (f"; experts: EP {plan.ep} x expert TP {plan.etp} x expert DP {plan.expert_dp}, "
+                   f"{plan.dispatcher} dispatcher")
     head = [
         f"megatron-delta plan: {plan.config_path or 'config'} on {plan.nodes} node(s) x {plan.gpus_per_node} GPU(s)"
         f" = {plan.nodes * plan.gpus_per_node} ranks, {plan.gpu_memory_bytes / GiB:g} GiB per GPU",
         f"model   {variant}, {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads / "
         f"{m.num_query_groups or m.num_attention_heads} query groups, ffn {m.ffn_hidden_size or 4 * m.hidden_size}, "
         f"vocab {plan.vocab_size:,}: {plan.total_params:,} parameters ({plan.routing_params:,} routing)",
+        *_moe_summary(plan, m),
         f"layout  {layout}; {plan.precision}, {plan.backend}",
         f"batch   micro-batch {plan.micro_batch_size} x {plan.seq_length} tokens, {plan.num_microbatches} "
         f"micro-batch(es) per step and DP rank, {schedule}",
@@ -547,13 +664,15 @@ def format_plan(plan: Plan, cfg: RunConfig) -> str:
     for s in plan.stages:
         layers = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in s.layers)
         rows.append([
-            s.pp_rank, layers, f"{s.params / 1e6:,.1f}M", _gib(s.weight_bytes), _gib(s.grad_bytes),
+            s.pp_rank, layers, f"{s.params / 1e6:,.1f}M",
+            *([f"{s.expert_params / 1e6:,.1f}M"] if plan.dispatcher else []), _gib(s.weight_bytes), _gib(s.grad_bytes),
             _gib(s.optimizer_bytes), _gib(s.activation_bytes_per_microbatch), s.microbatches_in_flight,
             _gib(s.activation_bytes), _gib(s.transient_bytes), _gib(s.total_bytes),
             _mib(s.send_bytes_per_microbatch) if s.send_bytes_per_microbatch else "-",
             "yes" if s.fits else "NO",
         ])
-    memory = _table(["pp rank", "layers", "params", "weights", "grads", "optimizer", "act/µb", "µb in flight",
+    memory = _table(["pp rank", "layers", "params", *(["of which expert"] if plan.dispatcher else []),
+                     "weights", "grads", "optimizer", "act/µb", "µb in flight",
                      "activations", "transient", "total GiB", "sends MiB/µb", "fits"], rows)
     part_names = list(plan.stages[0].activation_parts)
     parts = _table(["pp rank"] + part_names + ["per µb"],
@@ -575,12 +694,32 @@ def format_plan(plan: Plan, cfg: RunConfig) -> str:
         "transient: the fp32 copy of one micro-batch's logits (last stage), one recomputed layer group, or",
         "the routed terms of one block (delta_block routes a block's sublayers in one pass).",
     ]
+    if plan.dispatcher:
+        notes += ["params: on one GPU of the stage (its TP shard of the dense weights, its EP rank's experts, "
+                  "split over expert TP);",
+                  f"optimizer: dense parameters sharded over DP {plan.dp}, expert parameters over expert DP "
+                  f"{plan.expert_dp}." if plan.distributed_optimizer else "optimizer: not sharded.",
+                  "", format_moe_traffic(plan)]
     if plan.boundaries:
         notes.append(f"sends: one [{max(b['tensors'] for b in plan.boundaries)} x s, b, h] message per micro-batch "
                      "forward, and its gradient back (transport.boundary_bytes).")
         notes += ["", "Pipeline traffic per micro-batch and hop, forward (the gradients come back the same size):",
                   format_hops(plan.boundaries)]
     return "\n".join(head + [memory] + notes)
+
+
+def format_moe_traffic(plan: Plan) -> str:
+    """The token dispatcher's collectives per micro-batch on one GPU (moe_collective_bytes)."""
+    columns = [(d, n) for d in ("forward", "backward")
+               for n in sorted({n for s in plan.stages for n in s.moe_collective_bytes.get(d, {})})]
+    rows = [[s.pp_rank, s.moe_layers] + [_mib(s.moe_collective_bytes[d].get(n, 0)) for d, n in columns]
+            for s in plan.stages]
+    header = ["pp rank", "MoE layers"] + [f"{n} {'fwd' if d == 'forward' else 'bwd'}" for d, n in columns]
+    return "\n".join([
+        f"MoE dispatcher traffic per micro-batch and GPU, MiB, all MoE layers of the stage ({plan.dispatcher}):",
+        "all-gather output, reduce-scatter input, all-to-all input (the network carries (n - 1) / n of",
+        "it in a group of n); what an all-to-all rank receives depends on the routing and is counted balanced.",
+        _table(header, rows)])
 
 
 def format_hops(boundaries: list) -> str:

@@ -108,8 +108,8 @@ class TrainingConfig:
     lr_warmup_iters: int = 1000
     lr_decay_iters: Optional[int] = None  # None: train_iters
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    # Learning rate of the routing parameters (names containing "router") relative to `lr`; the
-    # reference fine-tunes a pretrained model with routers at 100x (5e-3 vs 5e-5).
+    # Learning rate of the routing parameters (the depth routers', parameters.ROUTER_PARAM_PATTERN)
+    # relative to `lr`; the reference fine-tunes a pretrained model with routers at 100x (5e-3 vs 5e-5).
     router_lr_mult: float = 1.0
     weight_decay: float = 0.1
     adam_beta1: float = 0.9

@@ -113,7 +113,8 @@ def build_model(cfg: RunConfig, config, vocab_size: int, on_gpu: bool) -> list:
 
 def build_optimizer(cfg: RunConfig, config, model: list):
     """Megatron's optimizer (AdamW; distributed if configured) and its warmup + decay schedule.
-    Routing parameters (names containing "router") get lr and min_lr scaled by router_lr_mult."""
+    Routing parameters (parameters.ROUTER_PARAM_PATTERN; not an MoE layer's expert router) get
+    lr and min_lr scaled by router_lr_mult."""
     t = cfg.training
     opt_config = OptimizerConfig(
         optimizer="adam",
@@ -174,7 +175,9 @@ def wire_model_config(config, cfg: RunConfig, model: list, optimizer) -> None:
 def parameter_count(model: list) -> tuple[int, int]:
     """(all parameters, routing parameters) of the whole model: this rank's counts
     (parameters.count_parameters), summed over pipeline ranks."""
-    counts = count_parameters(model, parallel_state.get_tensor_model_parallel_world_size())
+    counts = count_parameters(model, parallel_state.get_tensor_model_parallel_world_size(),
+                              parallel_state.get_expert_model_parallel_world_size(),
+                              parallel_state.get_expert_tensor_parallel_world_size())
     parts = [None] * parallel_state.get_pipeline_model_parallel_world_size()
     torch.distributed.all_gather_object(parts, counts, group=parallel_state.get_pipeline_model_parallel_group())
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
