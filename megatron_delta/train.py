@@ -417,6 +417,8 @@ def describe_run(cfg: RunConfig, layout: dict, params: int, router_params: int, 
     t, m = cfg.training, cfg.model
     mesh_text = f"tp {layout['tp']} pp {layout['pp']}" + (f" vpp {layout['vpp']}" if layout["vpp"] else "")
     mesh_text += f" dp {layout['dp']}" + (" sp" if cfg.parallel.sequence_parallel else "")
+    if cfg.parallel.expert_model_parallel_size > 1:
+        mesh_text += f" ep {cfg.parallel.expert_model_parallel_size}"
     world = torch.distributed.get_world_size()
     backend = f"{world} GPU process(es), nccl, {t.precision}" if on_gpu else f"{world} CPU process(es), gloo, fp32"
     text = (

@@ -199,16 +199,26 @@ def test_bad_config_fails_before_start(data_dir, tmp_path, overrides, extra, mes
     assert not os.path.exists(os.path.join(str(tmp_path), "metrics.jsonl"))
 
 
-def test_moe_config_trains_with_expert_parallelism_and_logs_aux_loss_and_expert_load(data_dir, tmp_path):
+def test_moe_config_trains_with_expert_parallelism_and_logs_aux_loss_and_expert_load(data_dir, tmp_path,
+                                                                                    single_process_world):
     """examples/configs/tiny_moe_cpu.yaml (dense first layer, 3 MoE layers of 4 experts) on 2
-    ranks with the experts split over them (EP2, alltoall): the loss goes down, and every logged
-    step carries the load-balancing loss and each MoE layer's per-expert token shares."""
+    ranks with the experts split over them (EP2, alltoall): the run counts the whole model (each rank
+    holds 2 of the 4 experts), the loss goes down, and every
+    logged step carries the load-balancing loss and each MoE layer's per-expert token shares."""
+    from megatron_delta.parameters import count_parameters
+    from megatron_delta.run_config import build_model_chunk, build_transformer_config, load_run_config
+
     run_dir = str(tmp_path / "moe")
     out = launch(run_dir, data_dir, ["parallel.expert_model_parallel_size=2", "checkpoint.save_on_exit=false"],
                  nproc=2, config=TINY_MOE)
     lines = [line for line in out.splitlines() if line.startswith("step ")]
     assert len(lines) == 8 and "load_balancing_loss" in lines[-1] and "expert_load_max" in lines[-1]
     log = metrics(run_dir)
+    cfg = load_run_config(TINY_MOE, COMMON)
+    whole_model = build_model_chunk(cfg, build_transformer_config(cfg, on_gpu=False), 384)
+    total, routing, _ = count_parameters([whole_model], 1)
+    assert (log[8]["params"], log[8]["routing_params"]) == (total, routing)
+    assert f"{total / 1e6:.2f}M params" in out and "ep 2" in out
     assert log[8]["loss"] < log[1]["loss"] - 0.5
     for step in range(1, 9):
         record = log[step]
