@@ -497,17 +497,15 @@ def _mesh_worker(out_dir: str, cases_file: str) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_delta import cpu_shim
+    from megatron_delta import mesh
 
-    cpu_shim.install()  # a process of its own: tests/conftest.py does not run here
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    mesh.start_world()  # a process of its own (the CPU shim: tests/conftest.py does not run here)
     rank = dist.get_rank()
     errors = {}
     for case in json.load(open(cases_file)):
         record = json.load(open(os.path.join(case["checkpoint"], convert.CONVERSION_FILE)))
         delta = DeltaResidualConfig(**record["delta"])
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+        mesh.init_model_parallel(tp=2, pp=2)
         config = convert.transformer_config_from_hf(record["hf_config"], 2, 2)
         model = convert.build_model(
             ModelConfig(**record["model"]), delta, config, seed=99,
@@ -550,11 +548,10 @@ def _mesh_worker(out_dir: str, cases_file: str) -> None:
                 "padded_logits": logits[..., vocab:].abs().max().item() if logits.shape[-1] > vocab else 0.0,
                 "loss": relative_error(loss, expected_loss),
             }
-        parallel_state.destroy_model_parallel()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"last_stage": bool(errors), "errors": errors}, f)
     dist.barrier()
-    dist.destroy_process_group()
+    mesh.stop_world()
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning

@@ -22,7 +22,6 @@ import sys
 import pytest
 import torch
 
-from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -141,20 +140,15 @@ def test_sampling_options():
 
 def _tp2_worker(out_dir: str) -> None:
     """Runs under torchrun with 2 ranks: every variant's cache-vs-full checks at TP=2."""
-    import torch.distributed as dist
+    from megatron_delta import mesh
 
-    from megatron_delta import cpu_shim
-
-    cpu_shim.install()  # a process of its own: tests/conftest.py does not run here
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(2, 1)
+    mesh.start_world()  # a process of its own (the CPU shim: tests/conftest.py does not run here)
+    mesh.init_model_parallel(tp=2)
     results = {variant: cache_vs_full(build(delta, tp=2)) for variant, delta in VARIANTS.items()}
-    if dist.get_rank() == 0:
+    if mesh.is_logging_rank():
         with open(os.path.join(out_dir, "tp2.json"), "w") as f:
             json.dump(results, f)
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    mesh.stop_world()
 
 
 def test_tp2_kv_cache_decoding_equals_the_full_forward_and_tp1(single_process_world, tmp_path):

@@ -145,15 +145,11 @@ def plan_and_measure(out_dir):
     token dispatcher handed to collectives."""
     import torch
 
-    from megatron_delta import cpu_shim
+    from megatron_delta import mesh
 
-    torch.set_num_threads(1)
     if os.environ["RANK"] == "0":
-        plan_figures(out_dir)
-    cpu_shim.install()
-    torch.distributed.init_process_group("gloo")
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+        plan_figures(out_dir)  # before the world starts: the planner makes its own
+    mesh.start_world()
 
     from megatron_delta.run_config import build_transformer_config, load_run_config
     from megatron_delta.train import build_model
@@ -161,22 +157,17 @@ def plan_and_measure(out_dir):
     results = {}
     for name, path, overrides in _cases(out_dir):
         cfg = load_run_config(path, overrides)
-        p = cfg.parallel
-        parallel_state.initialize_model_parallel(
-            p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.virtual_pipeline_model_parallel_size,
-            expert_model_parallel_size=p.expert_model_parallel_size,
-            expert_tensor_parallel_size=p.expert_tensor_parallel_size)
-        model_parallel_cuda_manual_seed(0)
+        mesh.init_model_parallel_of(cfg.parallel)
+        mesh.set_seeds(0)
         config = build_transformer_config(cfg, on_gpu=False)
         chunks = build_model(cfg, config, cfg.model.vocab_size, on_gpu=False)
         results[name] = _measure(cfg, config, chunks)
-        parallel_state.destroy_model_parallel()
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, results)
     if torch.distributed.get_rank() == 0:
         with open(os.path.join(out_dir, "measured.json"), "w") as f:
             json.dump(gathered, f)
-    torch.distributed.destroy_process_group()
+    mesh.stop_world()
 
 
 def _measure(cfg, config, chunks):

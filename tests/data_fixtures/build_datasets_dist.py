@@ -13,6 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+from megatron_delta import mesh  # noqa: E402
 from megatron_delta.data import DataConfig, build_datasets, build_tokenizer  # noqa: E402
 
 SEQ_LENGTH, NUM_SAMPLES, SEED = 32, (40, 8, 8), 5
@@ -25,15 +26,14 @@ def samples_digest(datasets) -> str:
 
 
 def main(cache_dir: str) -> None:
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo")
+    mesh.start_world()
     cfg = DataConfig(cache_dir=cache_dir)
     datasets = build_datasets(cfg, build_tokenizer(cfg), SEQ_LENGTH, NUM_SAMPLES, SEED)
     # one write per line: the ranks share torchrun's stdout
     sys.stdout.write(f"rank {torch.distributed.get_rank()} digest {samples_digest(datasets)}\n")
     sys.stdout.flush()
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    mesh.stop_world()
 
 
 if __name__ == "__main__":
