@@ -33,6 +33,7 @@ import torch
 
 from megatron_delta import DeltaResidualConfig, compat, link_virtual_stages, pipeline_seq_length
 from megatron_delta.config import MOE_DISPATCHERS, VARIANTS, check_pipeline_split
+from megatron_delta.mesh import destroy_model_parallel, init_model_parallel, set_seeds, start_world, stop_world
 from megatron_delta.run_config import (
     ModelConfig,
     ParallelConfig,
@@ -301,41 +302,10 @@ def _check_layout(problem: Problem, mesh: Mesh, world_size: int) -> None:
         raise ValueError("expert parallelism with tensor parallelism needs sequence parallelism (sp), as in Megatron")
 
 
-def destroy_model_parallel() -> None:
-    """Megatron's destroy_model_parallel forgets its process groups but leaves them alive, and
-    every gloo group keeps two threads: destroy them too, or each re-initialisation leaks ~40.
-    (A group's threads end when its last reference goes; models of a previous layout that sit
-    in reference cycles release theirs at the next automatic garbage collection.)"""
-    from megatron.core import parallel_state
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-    from torch.distributed.distributed_c10d import _world
-
-    parallel_state.destroy_model_parallel()
-    # RotaryEmbedding.forward is an lru_cache keyed on the module, which holds its CP group.
-    RotaryEmbedding.forward.cache_clear()
-    for group in list(_world.pg_map):
-        if group is not _world.default_pg:
-            torch.distributed.destroy_process_group(group)
-
-
-def _init_model_parallel(tp: int = 1, pp: int = 1, vpp=None, seed: int = 0, ep: int = 1, etp=None) -> None:
-    from megatron.core import parallel_state, tensor_parallel
-
-    destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
-        expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=etp,
-    )
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-
 def _run_reference(problem: Problem, device):
     """Whole model, whole global batch, one process: (initial params, last grads, losses)."""
-    _init_model_parallel(seed=problem.seed)
+    init_model_parallel()
+    set_seeds(problem.seed)
     config = _transformer_config(problem, Mesh())
     model = _build_chunk(problem, config, vp_stage=None).to(device)
     initial_params = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -384,7 +354,8 @@ def _run_mesh(problem: Problem, mesh: Mesh, ref_params: dict, device):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    _init_model_parallel(mesh.tp, mesh.pp, mesh.vpp, seed=problem.seed, ep=mesh.ep, etp=mesh.etp)
+    init_model_parallel(mesh.tp, mesh.pp, mesh.vpp, mesh.ep, mesh.etp)
+    set_seeds(problem.seed)
     config = _transformer_config(problem, mesh)
     chunks = []
     for vp_stage in range(mesh.vpp) if mesh.vpp else [None]:
@@ -566,19 +537,10 @@ def main(argv=None) -> int:
         print("megatron-delta parity: launch under torchrun, e.g. "
               "torchrun --nproc_per_node=4 examples/parity_check.py --tp 2 --pp 2", file=sys.stderr)
         return 2
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        # TF32 matmuls differ from fp32 by ~1e-3: far beyond the parity tolerance.
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        backend = "nccl"
-    else:
-        from megatron_delta import cpu_shim
-
-        cpu_shim.install()
-        torch.set_num_threads(1)  # more intra-op threads per rank is 50-500x slower on small CPU VMs
-        backend = "gloo"
-    torch.distributed.init_process_group(backend)
+    start_world()
+    # TF32 matmuls differ from fp32 by ~1e-3: far beyond the parity tolerance.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     try:
         mesh = Mesh(tp=args.tp, pp=args.pp, vpp=args.vpp, sp=args.sp or (args.tp > 1 and args.ep > 1),
                     dist_opt=args.dist_opt,
@@ -604,4 +566,4 @@ def main(argv=None) -> int:
             print(report.table())
         return 0 if report.passed else 1
     finally:
-        torch.distributed.destroy_process_group()
+        stop_world()

@@ -4,7 +4,8 @@ model-parallel groups (run_parity does both). The CPU shim comes from tests/conf
 import os
 
 import pytest
-import torch
+
+from megatron_delta import mesh
 
 WORLD_SIZE = 4
 
@@ -17,7 +18,6 @@ def gloo_world():
             "(or via tests/test_parallel_suite.py)",
             returncode=2,
         )
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo")
+    mesh.start_world()
     yield
-    torch.distributed.destroy_process_group()
+    mesh.stop_world()

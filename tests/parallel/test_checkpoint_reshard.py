@@ -11,15 +11,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_delta import pipeline_seq_length
 from megatron_delta.config import DeltaResidualConfig
-from megatron_delta.parity import (
-    Mesh,
-    Problem,
-    _build_chunk,
-    _init_model_parallel,
-    _microbatches,
-    _transformer_config,
-    destroy_model_parallel,
-)
+from megatron_delta.mesh import destroy_model_parallel, init_model_parallel, set_seeds
+from megatron_delta.parity import Mesh, Problem, _build_chunk, _microbatches, _transformer_config
 
 PROBLEM = Problem(variant="delta_block", global_batch=4)
 
@@ -52,7 +45,8 @@ def _per_token_losses(model, config, delta) -> torch.Tensor:
 
 
 def _build(mesh: Mesh, delta, seed: int):
-    _init_model_parallel(mesh.tp, mesh.pp, seed=seed)
+    init_model_parallel(mesh.tp, mesh.pp)
+    set_seeds(seed)
     config = _transformer_config(PROBLEM, mesh)
     return _build_chunk(PROBLEM, config, vp_stage=None).eval(), config
 

@@ -11,9 +11,9 @@ def test_tensor_parallel_ranks_draw_distinct_dropout_streams():
     model-parallel RNG stream differs across TP ranks while the default stream agrees."""
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_delta.parity import destroy_model_parallel
+    from megatron_delta.mesh import destroy_model_parallel, init_model_parallel
 
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    init_model_parallel(tp=2)
     try:
         torch.manual_seed(7)
         tensor_parallel.model_parallel_cuda_manual_seed(7)

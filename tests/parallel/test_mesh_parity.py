@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megatron_delta import parity, pipeline_seq_length
+from megatron_delta.mesh import destroy_model_parallel, init_model_parallel, set_seeds
 from megatron_delta.parity import Mesh, Problem, run_parity
 
 # Variants under the mesh suite; add a variant here to put it under every mesh below.
@@ -111,7 +112,8 @@ def test_interleaved_chunks_that_were_not_linked_are_a_clear_error():
     """A rank's later model chunk reads the sources its earlier chunk kept; built without
     link_virtual_stages it says so instead of failing inside the schedule."""
     problem, mesh = Problem(variant="delta_block"), Mesh(pp=2, vpp=2)
-    parity._init_model_parallel(mesh.tp, mesh.pp, mesh.vpp, seed=problem.seed)
+    init_model_parallel(mesh.tp, mesh.pp, mesh.vpp)
+    set_seeds(problem.seed)
     try:
         config = parity._transformer_config(problem, mesh)
         # Both chunks: building them all-reduces the tied embedding between the first and last.
@@ -122,4 +124,4 @@ def test_interleaved_chunks_that_were_not_linked_are_a_clear_error():
         with pytest.raises(RuntimeError, match=r"call megatron_delta.link_virtual_stages\(model_chunks\)"):
             chunk(tokens, torch.arange(problem.seq).expand(problem.micro_batch, -1), None)
     finally:
-        parity.destroy_model_parallel()
+        destroy_model_parallel()
