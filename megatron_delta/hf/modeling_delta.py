@@ -257,7 +257,14 @@ class DeltaQwen3MoeModel(_DeltaModel, Qwen3MoePreTrainedModel):
 
 
 class _DeltaForCausalLM(_DeltaPreTrainedModel):
-    """The family's causal-LM head over our routed model (forward: the family's own)."""
+    """The family's causal-LM head over our routed model: forward and tied weights are those of
+    the family's own causal LM (`hf_causal_lm`)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        family = cls.__dict__.get("hf_causal_lm")
+        if family is not None:
+            cls._tied_weights_keys, cls.forward = family._tied_weights_keys, family.forward
 
     def __init__(self, config):
         super().__init__(config)
@@ -271,24 +278,21 @@ class DeltaQwen3ForCausalLM(_DeltaForCausalLM, Qwen3PreTrainedModel, GenerationM
     config: DeltaQwen3Config
     config_class = DeltaQwen3Config
     base_model_class = DeltaQwen3Model
-    _tied_weights_keys = Qwen3ForCausalLM._tied_weights_keys
-    forward = Qwen3ForCausalLM.forward
+    hf_causal_lm = Qwen3ForCausalLM
 
 
 class DeltaLlamaForCausalLM(_DeltaForCausalLM, LlamaPreTrainedModel, GenerationMixin):
     config: DeltaLlamaConfig
     config_class = DeltaLlamaConfig
     base_model_class = DeltaLlamaModel
-    _tied_weights_keys = LlamaForCausalLM._tied_weights_keys
-    forward = LlamaForCausalLM.forward
+    hf_causal_lm = LlamaForCausalLM
 
 
 class DeltaQwen3MoeForCausalLM(_DeltaForCausalLM, Qwen3MoePreTrainedModel, GenerationMixin):
     config: DeltaQwen3MoeConfig
     config_class = DeltaQwen3MoeConfig
     base_model_class = DeltaQwen3MoeModel
-    _tied_weights_keys = Qwen3MoeForCausalLM._tied_weights_keys
-    forward = Qwen3MoeForCausalLM.forward
+    hf_causal_lm = Qwen3MoeForCausalLM
 
     def __init__(self, config):
         super().__init__(config)
