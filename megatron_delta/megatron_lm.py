@@ -46,7 +46,8 @@ _UNSUPPORTED_MEGATRON_LM_ARGS = (
     ("use_legacy_models", "--use-legacy-models", "delta residuals need Megatron-Core models"),
     ("spec", "--spec", "a custom layer spec replaces the one delta routing wraps; use "
                        "--transformer-impl to choose TE or local"),
-    ("num_experts", "--num-experts", "mixture-of-experts layers do not compose with delta routing"),
+    ("num_experts", "--num-experts", "delta_gpt_builder does not build MoE layer specs; megatron-delta train "
+                                     "does (model.num_moe_experts)"),
     ("multi_latent_attention", "--multi-latent-attention",
      "multi-latent attention does not compose with delta routing"),
     ("experimental_attention_variant", "--experimental-attention-variant",
