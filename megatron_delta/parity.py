@@ -32,8 +32,9 @@ import traceback
 import torch
 
 from megatron_delta import DeltaResidualConfig, compat, link_virtual_stages, pipeline_seq_length
-from megatron_delta.config import MOE_DISPATCHERS, VARIANTS, check_pipeline_split
+from megatron_delta.config import MOE_DISPATCHERS, VARIANTS
 from megatron_delta.mesh import destroy_model_parallel, init_model_parallel, set_seeds, start_world, stop_world
+from megatron_delta.parameters import is_expert_parameter
 from megatron_delta.run_config import (
     ModelConfig,
     ParallelConfig,
@@ -240,10 +241,10 @@ def _local_slice(full: torch.Tensor, param) -> torch.Tensor:
 
     if not getattr(param, "tensor_model_parallel", False):
         return full
-    if getattr(param, "allreduce", True):
-        rank, size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
-    else:
+    if is_expert_parameter(param):
         rank, size = parallel_state.get_expert_tensor_parallel_rank(), parallel_state.get_expert_tensor_parallel_world_size()
+    else:
+        rank, size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
     return full.chunk(size, dim=param.partition_dim)[rank]
 
 
@@ -266,40 +267,23 @@ def _gather_reduce_scattered_grads(ddp_chunks) -> None:
 
 
 def _check_layout(problem: Problem, mesh: Mesh, world_size: int) -> None:
+    """What cannot run, found before any group is built and identically on every rank: the
+    parity problem's own bounds, then the trainer's checks of its run config (the mesh against
+    the world, shapes against the mesh, experts against the mesh, Megatron's own)."""
     if problem.steps < 1:
         raise ValueError(f"steps={problem.steps} must be >= 1")
     if mesh.recompute not in ("none", "full", "selective"):
         raise ValueError(f"recompute={mesh.recompute!r}: choose none, full or selective")
-    if world_size % (mesh.tp * mesh.pp):
-        raise ValueError(f"world size {world_size} is not divisible by tp x pp = {mesh.tp} x {mesh.pp}")
-    dp = world_size // (mesh.tp * mesh.pp)
-    if problem.global_batch % (problem.micro_batch * dp):
-        raise ValueError(
-            f"global_batch={problem.global_batch} must be divisible by micro_batch x dp = "
-            f"{problem.micro_batch} x {dp}"
-        )
-    if mesh.sp and mesh.tp == 1:
-        raise ValueError("sequence parallel needs tp > 1")
-    if mesh.vpp and mesh.pp == 1:
-        raise ValueError("virtual pipeline stages (vpp) need pp > 1")
-    check_pipeline_split(problem.layers, mesh.pp, mesh.vpp, layers="layers", stages="pp x vpp")
-    for field, value in (("heads", problem.heads), ("vocab", problem.vocab), ("seq", problem.seq)):
-        if value % mesh.tp:
-            raise ValueError(f"{field}={value} must be divisible by tp={mesh.tp}")
-    if problem.num_experts is None:
-        if mesh.ep > 1 or mesh.etp is not None:
-            raise ValueError("expert parallelism (ep, etp) needs an MoE problem (num_experts)")
-        return
-    if problem.dispatcher not in MOE_DISPATCHERS:
-        raise ValueError(f"dispatcher={problem.dispatcher!r}: choose one of {', '.join(MOE_DISPATCHERS)}")
-    if problem.num_experts % mesh.ep or not 1 <= problem.moe_topk <= problem.num_experts:
-        raise ValueError(f"num_experts={problem.num_experts} must be divisible by ep={mesh.ep} and "
-                         f">= moe_topk={problem.moe_topk} >= 1")
-    etp = mesh.tp if mesh.etp is None else mesh.etp
-    if (world_size // mesh.pp) % (mesh.ep * etp):
-        raise ValueError(f"ep x etp = {mesh.ep} x {etp} must divide the {world_size // mesh.pp} ranks of a pipeline stage")
-    if mesh.ep > 1 and mesh.tp > 1 and not mesh.sp:
-        raise ValueError("expert parallelism with tensor parallelism needs sequence parallelism (sp), as in Megatron")
+    if problem.num_experts is None and mesh.etp is not None:
+        raise ValueError("expert tensor parallelism (etp) needs an MoE problem (num_experts)")
+    if problem.num_experts is not None:
+        if problem.dispatcher not in MOE_DISPATCHERS:
+            raise ValueError(f"dispatcher={problem.dispatcher!r}: choose one of {', '.join(MOE_DISPATCHERS)}")
+        if not 1 <= problem.moe_topk <= problem.num_experts:
+            raise ValueError(f"moe_topk={problem.moe_topk} must be in [1, num_experts={problem.num_experts}]")
+    cfg = run_config(problem, mesh)
+    cfg.validate(world_size)
+    build_transformer_config(cfg, on_gpu=False)
 
 
 def _run_reference(problem: Problem, device):
