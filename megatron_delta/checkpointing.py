@@ -14,7 +14,8 @@ when its manifest verifies: every listed file present with its size and checksum
 
 Resuming (`starting_point`): `--resume auto` takes the newest complete checkpoint of the run and
 says which ones it skipped and why (a missing, truncated or altered file, no manifest); with
-checkpoints present but none complete it stops (exit 2) rather than start over. The resolved run
+checkpoints present but none complete it stops (exit 2) rather than start over. Like the save, the
+check divides the checksumming among the ranks (`verify_together`): the job reads a checkpoint once. The resolved run
 config saved with the checkpoint is compared with the requested one (`config_changes`).
 
 Loading (`load`, `load_common_state_dict`, `load_tensors_metadata`): a checkpoint is pickled data
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -235,8 +237,10 @@ def write_manifest(directory: str, files: dict) -> None:
     write_atomically(os.path.join(directory, MANIFEST), json.dumps({"format": 1, "files": files}, indent=1))
 
 
-def verify(directory: str, checksums: bool = True) -> str | None:
-    """None if the checkpoint at `directory` is complete, else why not (one line)."""
+def verify(directory: str, checksums: bool = True, share: tuple[int, int] = (0, 1)) -> str | None:
+    """None if the checkpoint at `directory` is complete, else why not (one line). Every file's
+    presence and size is checked; with `checksums`, the sha256 of the files of `share` = (rank,
+    world): every world-th file of the sorted list from the rank-th, as the save divides them."""
     try:
         with open(os.path.join(directory, MANIFEST), encoding="utf-8") as f:
             files = json.load(f)["files"]
@@ -253,9 +257,21 @@ def verify(directory: str, checksums: bool = True) -> str | None:
         size = os.path.getsize(path)
         if size != expected_size:
             return f"{name} has {size} bytes, the save wrote {expected_size}"
-        if checksums and _sha256(path) != digests[name]:
+    rank, world = share
+    for name in sorted(digests)[rank::world] if checksums else ():
+        if _sha256(os.path.join(directory, name)) != digests[name]:
             return f"{name} differs from what the save wrote (sha256 mismatch)"
     return None
+
+
+def verify_together(directory: str) -> str | None:
+    """verify() by every rank of the world at once, each rank checksumming a share of the files,
+    so that a job reads the checkpoint once rather than once per rank. Every rank gets the same
+    answer: the problem found by the lowest rank that found one."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    problems = [None] * world
+    torch.distributed.all_gather_object(problems, verify(directory, share=(rank, world)))
+    return next((problem for problem in problems if problem), None)
 
 
 def write_atomically(path: str, text: str) -> None:
@@ -295,9 +311,9 @@ def find_checkpoint(path: str) -> str | None:
     return None
 
 
-def _explicit_checkpoint(path: str, key: str, notes: list) -> str:
-    """The checkpoint that checkpoint.resume / checkpoint.load names, verified if it has a manifest
-    (a checkpoint from `convert import` or an older trainer has none: it is loaded as given)."""
+def _explicit_checkpoint(path: str, key: str, check, notes: list) -> str:
+    """The checkpoint that checkpoint.resume / checkpoint.load names, verified by `check` if it has
+    a manifest (a checkpoint from `convert import` or an older trainer has none: it is loaded as given)."""
     found = find_checkpoint(path)
     if found is None:
         raise RunConfigError(
@@ -305,7 +321,7 @@ def _explicit_checkpoint(path: str, key: str, notes: list) -> str:
             f"directory whose `latest` names one"
         )
     if os.path.isfile(os.path.join(found, MANIFEST)):
-        problem = verify(found)
+        problem = check(found)
         if problem:
             raise CheckpointError(f"{key}={path!r}: {found} is damaged: {problem}")
     else:
@@ -313,13 +329,14 @@ def _explicit_checkpoint(path: str, key: str, notes: list) -> str:
     return found
 
 
-def _newest_complete(directory: str, notes: list) -> str | None:
-    """--resume auto: the newest complete checkpoint in the run's directory, noting each newer one
-    skipped. None if the directory holds no checkpoint at all; CheckpointError if it holds some but
-    none is complete (starting over would train from step 0 and overwrite them)."""
+def _newest_complete(directory: str, check, notes: list) -> str | None:
+    """--resume auto: the newest checkpoint in the run's directory that `check` finds complete,
+    noting each newer one skipped. None if the directory holds no checkpoint at all;
+    CheckpointError if it holds some but none is complete (starting over would train from step 0
+    and overwrite them)."""
     skipped = []
     for _, path in saved_iterations(directory):
-        problem = verify(path)
+        problem = check(path)
         if problem is None:
             for name, why in skipped:
                 notes.append(f"--resume auto: skipped {name} ({why}); resuming from {os.path.basename(path)}, and "
@@ -336,18 +353,25 @@ def _newest_complete(directory: str, notes: list) -> str | None:
     return None
 
 
-def starting_point(cfg: RunConfig, allowed_changes=()) -> tuple[str | None, bool, list[str]]:
-    """(checkpoint to start from or None, weights only?, notes to print), decided before any
-    process group starts: checkpoint.resume (auto: the run's newest complete checkpoint, if any),
-    else checkpoint.load. The checkpoint's saved run config must match `cfg` (config_changes)."""
+def starting_point(cfg: RunConfig, allowed_changes=(), together: bool = False) -> tuple[str | None, bool, list[str]]:
+    """(checkpoint to start from or None, weights only?, notes to print): checkpoint.resume (auto:
+    the run's newest complete checkpoint, if any), else checkpoint.load. The checkpoint's saved run
+    config must match `cfg` (config_changes).
+
+    The trainer asks twice. First each rank on its own, before any process group starts, checking
+    the manifests' files by size only: a bad config or a missing checkpoint fails before the job
+    has cost anything. Then every rank `together`, with the checksums, each rank reading a share
+    of the files (verify_together): all ranks decide on the same checkpoint, and a job reads it
+    once instead of once per rank."""
+    check = verify_together if together else functools.partial(verify, checksums=False)
     ck, notes = cfg.checkpoint, []
     path, weights_only, resuming = None, False, True
     if ck.resume == "auto":
-        path = _newest_complete(cfg.checkpoint_dir, notes)
+        path = _newest_complete(cfg.checkpoint_dir, check, notes)
     elif ck.resume is not None:
-        path = _explicit_checkpoint(ck.resume, "checkpoint.resume", notes)
+        path = _explicit_checkpoint(ck.resume, "checkpoint.resume", check, notes)
     if path is None and ck.load is not None:
-        path, weights_only, resuming = _explicit_checkpoint(ck.load, "checkpoint.load", notes), ck.finetune, False
+        path, weights_only, resuming = _explicit_checkpoint(ck.load, "checkpoint.load", check, notes), ck.finetune, False
     if path is not None:
         check_config(path, cfg, allowed_changes, resuming)
     return path, weights_only, notes

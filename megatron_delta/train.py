@@ -341,19 +341,22 @@ class PreemptionFlag:
 # The run
 
 
-def train(cfg: RunConfig, config, start_from: str | None = None, weights_only: bool = False) -> int:
+def train(cfg: RunConfig, config, allowed_changes=()) -> int:
     with mesh.session(cfg.parallel) as device:
         init_training(cfg)
         try:
-            return _run(cfg, config, start_from, weights_only, device)
+            return _run(cfg, config, allowed_changes, device)
         finally:
             destroy_num_microbatches_calculator()
 
 
-def _run(cfg: RunConfig, config, start_from: str | None, weights_only: bool, device: torch.device) -> int:
+def _run(cfg: RunConfig, config, allowed_changes, device: torch.device) -> int:
     t = cfg.training
     on_gpu = device.type == "cuda"
     log = MetricsLogger(cfg, device)
+    start_from, weights_only, notes = starting_point(cfg, allowed_changes, together=True)
+    for note in notes:
+        log.print(note)
     tokenizer = build_tokenizer(cfg.data)
     eval_samples = t.eval_iters * t.global_batch_size
     train_set, valid_set, _ = build_datasets(cfg.data, tokenizer, cfg.model.seq_length,
@@ -468,16 +471,14 @@ def main(argv=None) -> int:
         check_allowed_changes(args.allow_config_change)
         if rank0:  # taken before reading checkpoints: no other run is writing them
             lock = RunDirectoryLock(cfg.logging.dir)
-        start_from, weights_only, notes = starting_point(cfg, args.allow_config_change)
+        starting_point(cfg, args.allow_config_change)  # the cheap checks, before the job starts; train() decides
     except (RunConfigError, DataError, CheckpointError, RunDirectoryBusy, OSError) as e:
         if lock is not None:
             lock.release()
         return _error(e)
-    for note in notes if rank0 else ():
-        print(note, flush=True)
     try:
-        return train(cfg, config, start_from, weights_only)
-    except (DataError, CheckpointError) as e:  # found once the data or checkpoint is read
+        return train(cfg, config, args.allow_config_change)
+    except (DataError, CheckpointError) as e:  # found once the data or checkpoint is read, or checksummed
         return _error(e)
     finally:
         if lock is not None:

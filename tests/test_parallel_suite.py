@@ -7,8 +7,13 @@ importing torch + Megatron costs ~10 s per launch.
 from launcher import torchrun
 
 
+# About 270 s on an idle 2-core machine (4 ranks share 2 cores); a CI host under load took over 420 s.
+# The limit only has to stop a hung collective well inside CI's time.
+SUITE_TIMEOUT_S = 1500
+
+
 def test_parallel_suite_passes_on_four_ranks():
-    result = torchrun(4, "-m", "pytest", "tests/parallel", "-q", "-p", "no:cacheprovider")
+    result = torchrun(4, "-m", "pytest", "tests/parallel", "-q", "-p", "no:cacheprovider", timeout=SUITE_TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-12000:] + result.stderr[-3000:]
 
 

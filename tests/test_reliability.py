@@ -111,19 +111,58 @@ def test_resume_auto_falls_back_past_a_damaged_checkpoint(saved_run, data_dir, t
     assert checkpointing.verify(os.path.join(ckpt, "iter_0000006")) is None
 
 
-def test_resume_auto_refuses_to_start_over(saved_run, data_dir, tmp_path, capsys):
+def flip_bytes(path, offset=100):
+    """Change 8 bytes of a file, keeping its size (what a size check cannot see)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        flipped = bytes(byte ^ 0xFF for byte in f.read(8))
+        f.seek(offset)
+        f.write(flipped)
+
+
+def test_resume_auto_refuses_to_start_over(saved_run, data_dir, tmp_path):
+    """No manifest in the newest checkpoint, an altered file in the other: exit 2, both named.
+    (The altered file passes the size check before the job starts; the ranks' checksums find it.)"""
     run_dir, ckpt = copy_run(saved_run, tmp_path)
     os.remove(os.path.join(ckpt, "iter_0000006", checkpointing.MANIFEST))
-    with open(os.path.join(ckpt, "iter_0000004", "__0_0.distcp"), "r+b") as f:
-        f.seek(100)
-        flipped = bytes(byte ^ 0xFF for byte in f.read(8))
-        f.seek(100)
-        f.write(flipped)  # same size, other bytes
-    status, err = main_exit(_command(run_dir, data_dir, ["training.train_iters=6"], extra=["--resume", "auto"])[3:],
-                            capsys)
-    assert status == 2
+    flip_bytes(os.path.join(ckpt, "iter_0000004", "__0_0.distcp"))
+    status, _, err = run(run_dir, data_dir, ["training.train_iters=6"], extra=["--resume", "auto"])
+    assert status == 2, err[-3000:]
     assert "no complete checkpoint" in err and "iter_0000006: no manifest.json" in err
     assert "iter_0000004: __0_0.distcp differs from what the save wrote (sha256 mismatch)" in err
+    assert "Traceback" not in err
+
+
+def test_ranks_checksum_a_share_of_the_files_each(saved_run, tmp_path):
+    """verify's share: a file altered in rank 1's share of two is found by rank 1 only; rank 0
+    does not read it."""
+    checkpoint = str(tmp_path / "iter")
+    shutil.copytree(os.path.join(saved_run[0], "checkpoints", "iter_0000006"), checkpoint)
+    with open(os.path.join(checkpoint, checkpointing.MANIFEST)) as f:
+        names = sorted(json.load(f)["files"])
+    altered = names[1]  # rank 1's first of two ranks' shares
+    flip_bytes(os.path.join(checkpoint, altered), offset=0)
+    assert checkpointing.verify(checkpoint, share=(0, 2)) is None
+    assert checkpointing.verify(checkpoint, share=(1, 2)) == f"{altered} differs from what the save wrote (sha256 mismatch)"
+    assert checkpointing.verify(checkpoint, checksums=False) is None
+    assert checkpointing.verify(checkpoint) == checkpointing.verify(checkpoint, share=(1, 2))
+
+
+def test_two_ranks_agree_to_skip_a_checkpoint_only_one_of_them_checksummed(saved_run, data_dir, tmp_path):
+    """A file of iter_0000006 altered in rank 1's share: both ranks skip it (rank 0 alone would
+    have taken it, and the ranks would have loaded different steps) and resume from iter_0000004."""
+    run_dir, ckpt = copy_run(saved_run, tmp_path)
+    newest = os.path.join(ckpt, "iter_0000006")
+    with open(os.path.join(newest, checkpointing.MANIFEST)) as f:
+        altered = sorted(json.load(f)["files"])[1]
+    flip_bytes(os.path.join(newest, altered), offset=0)
+    assert checkpointing.verify(newest, share=(0, 2)) is None
+    out = launch(run_dir, data_dir, ["training.train_iters=6", "checkpoint.save_interval=2"], nproc=2,
+                 extra=["--resume", "auto"])
+    assert (f"skipped iter_0000006 ({altered} differs from what the save wrote (sha256 mismatch)); resuming from "
+            "iter_0000004") in out
+    assert "iteration 4, 32 samples consumed" in out
+    assert metrics_steps(run_dir)[-2:] == [5, 6]
 
 
 @pytest.mark.parametrize("overrides, allowed, changes", [
@@ -228,11 +267,14 @@ def test_planted_metadata_is_refused_by_the_trainer(planted, data_dir, tmp_path)
     assert "Traceback" not in err and not os.path.exists(marker)
 
 
-@pytest.mark.parametrize("command", [
+READING_COMMANDS = [
     ["convert", "export", "--checkpoint", "{checkpoint}", "--output", "{out}"],
     ["generate", "--checkpoint", "{checkpoint}", "--prompt", "def ", "--max-new-tokens", "2"],
     ["evaluate", "--checkpoint", "{checkpoint}", "--data-prefix", "{out}"],
-], ids=lambda command: command[0])
+]
+
+
+@pytest.mark.parametrize("command", READING_COMMANDS, ids=lambda command: command[0])
 def test_planted_metadata_is_refused_by_every_command_that_reads_checkpoints(planted, tmp_path, command):
     checkpoint, marker = planted
     plant_metadata(checkpoint, marker)
@@ -241,6 +283,23 @@ def test_planted_metadata_is_refused_by_every_command_that_reads_checkpoints(pla
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"refused to load {checkpoint}: it contains pickled data that needs posix.system" in result.stderr
     assert "Traceback" not in result.stderr and not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("command", READING_COMMANDS, ids=lambda command: command[0])
+def test_truncated_checkpoint_is_refused_by_every_command_that_reads_checkpoints(saved_run, tmp_path, command):
+    """A trainer's checkpoint directory (`latest`: iter_0000006) with a file cut short: one line,
+    exit 2, before anything is loaded."""
+    _, ckpt = copy_run(saved_run, tmp_path)
+    newest = os.path.join(ckpt, "iter_0000006")
+    damaged = os.path.join(newest, "__0_0.distcp")
+    size = os.path.getsize(damaged)
+    os.truncate(damaged, size - 1)
+    argv = [arg.format(checkpoint=ckpt, out=str(tmp_path / "out")) for arg in command]
+    result = launcher.run(launcher.cli_command(*argv), TIMEOUT)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (f"error: --checkpoint {ckpt}: {newest} is incomplete: __0_0.distcp has {size - 1} bytes, "
+            f"the save wrote {size}") in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_safe_reader_refuses_planted_pickles(planted, saved_run, single_process_world):

@@ -256,12 +256,17 @@ def import_hf(hf_dir: str, output: str, delta: DeltaResidualConfig | None = None
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A dist-checkpoint directory, or a trainer checkpoint directory (its `latest` iteration)."""
-    from megatron_delta.checkpointing import find_checkpoint
+    """A dist-checkpoint directory, or a trainer checkpoint directory (its `latest` iteration).
+    One the trainer saved has a manifest: its files must all be there, each with the size the
+    save wrote (the checksums are the trainer's to check: reading a whole checkpoint, optimizer
+    state included, on every rank would cost more than loading its weights)."""
+    from megatron_delta.checkpointing import MANIFEST, find_checkpoint, verify
 
     found = find_checkpoint(path)
     if found is None:
         raise ConvertError(f"--checkpoint {path} is not a dist-checkpoint (no metadata.json) nor a directory with `latest`")
+    if os.path.isfile(os.path.join(found, MANIFEST)) and (problem := verify(found, checksums=False)):
+        raise ConvertError(f"--checkpoint {path}: {found} is incomplete: {problem}")
     return found
 
 
