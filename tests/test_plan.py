@@ -5,7 +5,8 @@
    exactly 589,824 routing parameters, the MoE recipes (30.5B, 240B) the formula's total, expert
    and routing counts, and every recipe layout fits an 80 GiB GPU.
 2. A small model on a real 4-rank torchrun (gloo) under several layouts (TP2 + SP, TP2 with full
-   recompute, PP2 for four variants, PP2 x VPP2, each x DP2), built by `megatron-delta train`'s own
+   recompute, PP2 for four variants, PP2 x VPP2, each x DP2; with a multi-token-prediction layer on
+   PP2, TP2 + SP and PP2 with full recompute), built by `megatron-delta train`'s own
    build_model and run for one step through Megatron's pipeline schedule. Per rank the plan must give
      - parameters: exactly the numel sum of the rank's real model;
      - sent bytes: exactly the size of the tensor each non-last chunk's forward returns;
@@ -73,6 +74,12 @@ CASES = {
     "pp2_vpp2_delta_block_full_recompute": [PP2, VPP2, "training.global_batch_size=8",
                                             "training.recompute_granularity=full",
                                             "training.recompute_method=uniform", "training.recompute_num_layers=1"],
+    # Megatron's MTP block on the last stage (its loss computed inside the model's forward); under
+    # TP + SP its eh_proj gathers and scatters; under full recompute it checkpoints itself.
+    "pp2_mtp": [PP2, "model.mtp_num_layers=1"],
+    "tp2_sp_mtp": [TP2, "parallel.sequence_parallel=true", "model.mtp_num_layers=1"],
+    "pp2_mtp_full_recompute": [PP2, "model.mtp_num_layers=1", "training.recompute_granularity=full",
+                               "training.recompute_method=uniform", "training.recompute_num_layers=1"],
 }
 
 
@@ -195,7 +202,7 @@ def _measure(cfg, config, chunks):
         for _ in range(num_microbatches):
             yield dict(
                 tokens=torch.randint(0, m.vocab_size, (b, s), generator=g),
-                position_ids=torch.arange(s).expand(b, s),
+                position_ids=torch.arange(s).expand(b, s), loss_mask=torch.ones(b, s),  # fp32, as GPTDataset's
                 attention_mask=(torch.ones(b, 1, s, s, dtype=torch.bool).tril().logical_not()
                                 if cfg.data.create_attention_mask else None))
 
@@ -206,7 +213,9 @@ def _measure(cfg, config, chunks):
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         in_forward[0] = True
-        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["tokens"])
+        # As the trainer's forward_step: labels and the loss mask (the MTP block masks its losses with it).
+        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["tokens"],
+                       loss_mask=batch["loss_mask"])
         in_forward[0] = False
         if not get_attr_wrapped_model(model, "post_process"):
             sent.append(output.numel() * output.element_size())
@@ -436,6 +445,17 @@ def test_pipeline_boundaries_carry_the_routing_state(figures):
     slot = SMALL["model"]["seq_length"] * SMALL["training"]["micro_batch_size"] * SMALL["model"]["hidden_size"] * 4
     assert figures["cases"]["pp2_delta_identity"]["stages"][0]["send_bytes_per_microbatch"] == 6 * slot
     assert figures["cases"]["pp2_standard"]["stages"][0]["send_bytes_per_microbatch"] == slot
+
+
+def test_mtp_adds_its_part_to_the_last_stage_only(figures):
+    """The MTP block changes nothing on the first stage; on the last it adds its "mtp" part
+    (which the real run measures, test_plan_matches_a_real_four_rank_run) and nothing else."""
+    with_mtp, without = figures["cases"]["pp2_mtp"]["stages"], figures["cases"]["pp2_delta_block"]["stages"]
+    assert with_mtp[0]["activation_parts"] == {**without[0]["activation_parts"], "mtp": 0}
+    mtp = with_mtp[1]["activation_parts"]["mtp"]
+    assert mtp > 0
+    assert with_mtp[1]["activation_bytes_per_microbatch"] == without[1]["activation_bytes_per_microbatch"] + mtp
+    assert "mtp" not in without[1]["activation_parts"]
 
 
 def test_interleaved_schedule_holds_more_microbatches_than_1f1b(figures):
