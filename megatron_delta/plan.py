@@ -359,6 +359,7 @@ class ActivationModel:
             + 1)  # the final norm's input (the layer's output)
         return (outside, inside) if self.recompute_mtp() else (outside + inside, 0)
 
+
 def moe_collective_bytes(config, s: _Shapes) -> dict:
     """What one MoE layer's token dispatcher hands to collectives on one rank per micro-batch,
     {"forward" | "backward": {collective: bytes}}: the output buffer of an all-gather, the input
