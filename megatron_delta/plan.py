@@ -629,7 +629,9 @@ def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_memory_gb: flo
             total_params += stage_total
             total_expert_params += stage_experts
             routing_params += routing
-            moe_layers = sum(is_moe_layer(layer) for c in chunks for layer in c.decoder.layers)
+            moe_layers = (sum(is_moe_layer(layer) for c in chunks for layer in c.decoder.layers)
+                          + sum(is_moe_layer(_transformer_layer(layer)) for c in chunks if c.mtp_process
+                                for layer in c.mtp.layers))
             per_chunk = [chunk_activations(c, delta, model, slots) for c in chunks]
             chunk_bytes = [sum(parts.values()) for parts, _ in per_chunk]
             peak, in_flight = _in_flight(chunk_bytes, micro, config)

@@ -15,8 +15,9 @@
        loss is a plain sum, which saves nothing). Margin: none, the figures agree to the byte for
        the local backend on CPU. (The transformer_engine terms cannot be measured without a GPU.)
 3. The small model with MoE layers on DP2 x EP2 (dense DP 4, expert DP 2, distributed optimizer)
-   with the alltoall and the allgather dispatcher, and on TP2 + SP x EP2 (alltoall with expert TP 1,
-   allgather with expert TP 2): parameters and expert parameters per rank, the
+   with the alltoall and the allgather dispatcher (alltoall also with an MoE MTP layer), and on
+   TP2 + SP x EP2 (alltoall with expert TP 1, allgather with expert TP 2): parameters and expert
+   parameters per rank, the
    Adam state of the real optimizer after one step (dense and expert), and the bytes the token
    dispatcher hands to all-gather / reduce-scatter / all-to-all in forward and backward (counted
    by wrapping the collectives), all to the byte (the all-to-all, whose per-rank size follows the
@@ -101,6 +102,8 @@ MOE_CASES = {
                             "parallel.moe_token_dispatcher_type=alltoall"],
     "tp2_sp_ep2_etp2_allgather": [TP2, "parallel.sequence_parallel=true",
                                   "parallel.moe_token_dispatcher_type=allgather"],
+    # An MTP layer, MoE like the decoder's last layer: its experts and dispatcher traffic count too.
+    "dp2_ep2_alltoall_mtp": ["parallel.moe_token_dispatcher_type=alltoall", "model.mtp_num_layers=1"],
 }
 WORLD = 4
 
@@ -152,7 +155,7 @@ def plan_and_measure(out_dir):
     token dispatcher handed to collectives."""
     import torch
 
-    from megatron_delta import mesh
+    from megatron_delta import compat, mesh
 
     if os.environ["RANK"] == "0":
         plan_figures(out_dir)  # before the world starts: the planner makes its own
@@ -169,6 +172,7 @@ def plan_and_measure(out_dir):
         config = build_transformer_config(cfg, on_gpu=False)
         chunks = build_model(cfg, config, cfg.model.vocab_size, on_gpu=False)
         results[name] = _measure(cfg, config, chunks)
+        compat.clear_moe_aux_losses()  # Megatron sizes its aux-loss records for the first model that records
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, results)
     if torch.distributed.get_rank() == 0:
@@ -405,7 +409,8 @@ def test_moe_plan_matches_a_real_four_rank_run(figures, case):
     assert plan["ep"] == 2 and plan["dp"] == WORLD // plan["tp"]
     assert plan["expert_dp"] == WORLD // (plan["ep"] * plan["etp"])
     stage = plan["stages"][0]
-    assert stage["moe_layers"] == 3 and 0 < stage["expert_params"] < stage["params"]
+    mtp_layers = 1 if "model.mtp_num_layers=1" in MOE_CASES[case] else 0
+    assert stage["moe_layers"] == 3 + mtp_layers and 0 < stage["expert_params"] < stage["params"]
     # Depth routing only: 4 x hidden per layer, not the MoE layers' expert routers.
     assert plan["routing_params"] == 4 * SMALL["model"]["hidden_size"] * SMALL["model"]["num_layers"]
     for real in measured:
