@@ -29,7 +29,8 @@ What changed between those releases that touches megatron-delta, and where it is
     0.17+ the MTP loss tracker keeps the losses under "loss_values" (with acceptance counts; 0.16:
           "values"): take_mtp_losses().
     0.19  the MTP loss guards its division by the token count against empty micro-batches, and
-          autograd keeps three scalars per MTP layer for it instead of one: mtp_loss_kept_scalars().
+          autograd keeps three scalars per MTP layer for it instead of one (found in the source;
+          0.17 / 0.18 not measured): mtp_loss_kept_scalars().
     0.17  the tokenizers' detokenize keeps special tokens (0.18: unless told otherwise): detokenize().
     0.19  Megatron-LM's pretrain() takes a config container instead of a model provider:
           megatron_delta.megatron_lm (Megatron-LM's training code is not part of megatron-core).
