@@ -28,6 +28,9 @@ What changed between those releases that touches megatron-delta, and where it is
           passes sharded_state_dict_metadata(metadata).
     0.17+ the MTP loss tracker keeps the losses under "loss_values" (with acceptance counts; 0.16:
           "values"): take_mtp_losses().
+    0.19  the MTP loss guards its division by the token count against empty micro-batches, and
+          autograd keeps three scalars per MTP layer for it instead of one (found in the source;
+          0.17 / 0.18 not measured): mtp_loss_kept_scalars().
     0.17  the tokenizers' detokenize keeps special tokens (0.18: unless told otherwise): detokenize().
     0.19  Megatron-LM's pretrain() takes a config container instead of a model provider:
           megatron_delta.megatron_lm (Megatron-LM's training code is not part of megatron-core).
@@ -132,6 +135,16 @@ def take_mtp_losses(num_layers: int):
         if values is not None:
             values.zero_()
     return losses
+
+
+def mtp_loss_kept_scalars() -> int:
+    """0-dim tensors autograd keeps per MTP layer and micro-batch where GPTModel divides the MTP
+    loss by its token count (the loss mask's sum): 0.16 keeps the count; releases that guard
+    against a micro-batch without tokens (`num_tokens.clamp(min=1)`, measured on 0.19) keep
+    the `num_tokens > 0` factor and two clamped counts instead."""
+    from megatron.core.transformer import multi_token_prediction
+
+    return 3 if "num_tokens.clamp(min=1)" in inspect.getsource(multi_token_prediction) else 1
 
 
 def sharded_state_dict_metadata(metadata):

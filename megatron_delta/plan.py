@@ -33,8 +33,14 @@ layer: GQA attention, SwiGLU/GeLU MLP, RMSNorm, RoPE, TP/SP sharding), plus what
     pipeline input the received [slots * s, b, h] message: its sources are views of it, so the whole
                    message is kept until the stage's backward. Interleaved PP: sources a rank keeps
                    for its next chunk count once, on the chunk that received or made them.
+    mtp            multi-token prediction (last stage): per MTP layer the embedding of the rolled
+                   tokens, enorm / hnorm, eh_proj's [s, b, 2h] input and TP-gathered output, one
+                   unrouted transformer layer (dense or MoE), the final norm, its row of the output
+                   layer's input and its own loss (fp32 softmax, loss mask, per-token loss); under
+                   full (uniform) recompute only what its checkpoint keeps.
 For the local backend (torch ops, as on CPU) the sum agrees to the byte with the saved-tensor bytes
-of real runs (tests/test_plan.py: TP2+SP, recompute, PP2 for four variants, PP2 x VPP2); MoE layers
+of real runs (tests/test_plan.py: TP2+SP, recompute, PP2 for four variants, PP2 x VPP2, MTP on PP2,
+TP2+SP and PP2 with full recompute, on megatron-core 0.16.1 and 0.19.2); MoE layers
 (moe_mlp: router, the experts' MLPs on balanced routing, a shared expert) are an estimate; the
 transformer_engine terms follow what TE's fused LayerNorm-linear and flash attention keep (input,
 normalised input, inverse RMS; q, k, v, output, log-sum-exp) and cannot be measured without a GPU.
@@ -64,7 +70,7 @@ import sys
 
 import torch
 
-from megatron_delta import mesh
+from megatron_delta import compat, mesh
 from megatron_delta.config import DeltaConfigError
 from megatron_delta.data import DataError, build_tokenizer
 from megatron_delta.parameters import count_parameters, is_expert_parameter
@@ -316,6 +322,43 @@ class ActivationModel:
         s = self.s
         return self.norm_and_linear_input() + s.tokens * s.vocab * FP32 + s.tokens * (1 + 8)
 
+    def recompute_mtp(self) -> bool:
+        """Whether MTP layers checkpoint themselves: Megatron's do under full recompute, uniform
+        method (block: not implemented there, they run without)."""
+        return self.config.recompute_granularity == "full" and self.config.recompute_method == "uniform"
+
+    def mtp_layer(self, moe: bool) -> tuple[int, int]:
+        """One of Megatron's MultiTokenPredictionLayers (last pipeline stage) with its share of
+        GPTModel's MTP loss: (bytes kept per micro-batch, bytes recomputed in backward). It embeds
+        the rolled tokens, normalises embedding (enorm) and hidden state (hnorm), projects their
+        concatenation [s, b, 2h] with eh_proj (column-parallel: gathered over TP, scattered again
+        under SP), runs one unrouted transformer layer and a final norm, whose output GPTModel
+        concatenates to the decoder's along the sequence for the shared output layer and a cross
+        entropy of its own. Under recompute_mtp() a checkpoint recomputes everything from the
+        norms to the final norm; it keeps its inputs, the embedding and hidden state (and the
+        rotary table and mask, counted once per stage in chunk_activations)."""
+        s, stream = self.s, self.stream_bytes
+        # The MTP loss: the cross entropy over its own logits, the rolled fp32 loss mask it is
+        # multiplied by, the masked per-token loss (MTPLossAutoScaler) and the token-count scalars.
+        loss = (self.output_and_loss() - self.norm_and_linear_input() + s.tokens * 2 * FP32
+                + compat.mtp_loss_kept_scalars() * FP32)
+        outside = self.embedding() + loss + stream * (
+            1  # enorm's input: the embedding of the rolled tokens
+            # hnorm's input and a row of the output layer's input: the output layer now keeps the
+            # concatenated [(1 + mtp) s, b, h] instead of the decoder's output, which the first hnorm
+            # keeps; later MTP layers' hnorms keep the previous MTP layer's output.
+            + 2)
+        # enorm, hnorm and the final norm: their outputs go into concatenations, which keep nothing.
+        norm = self.norm_and_linear_input() - s.sp_tokens * s.hidden * s.elem
+        # eh_proj's output gathered over TP, the transformer layer's input: under SP a slice of it
+        # along the sequence, a view that keeps the whole gathered [s, b, h] alive.
+        gathered = s.tokens * s.hidden * s.elem
+        inside = 3 * norm + gathered + self.layer(moe) + stream * (
+            2  # eh_proj's input, the concatenation [s, b, 2h] (SP: of the local sequence)
+            + 1  # the pre-MLP norm's input (the layer's residual after attention)
+            + 1)  # the final norm's input (the layer's output)
+        return (outside, inside) if self.recompute_mtp() else (outside + inside, 0)
+
 
 def moe_collective_bytes(config, s: _Shapes) -> dict:
     """What one MoE layer's token dispatcher hands to collectives on one rank per micro-batch,
@@ -452,6 +495,14 @@ def is_moe_layer(layer) -> bool:
     return isinstance(layer.mlp, MoELayer)
 
 
+def _transformer_layer(mtp_layer):
+    """An MTP layer's transformer layer (dense or MoE as the decoder's last layer), found by type:
+    the attribute that holds it differs between releases."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    return next(m for m in mtp_layer.modules() if isinstance(m, TransformerLayer))
+
+
 def chunk_activations(chunk, delta, model: ActivationModel, slots: int) -> tuple[dict, int]:
     """({part: bytes} held per micro-batch, the largest one-off buffer: a recomputed layer group or
     a block's routed terms) of one chunk."""
@@ -465,6 +516,8 @@ def chunk_activations(chunk, delta, model: ActivationModel, slots: int) -> tuple
     def layers(start, end):
         return sum(model.layer(moe=is_moe_layer(layer)) for layer in block.layers[start:end])
 
+    mtp = [model.mtp_layer(moe=is_moe_layer(_transformer_layer(layer))) for layer in chunk.mtp.layers
+           ] if chunk.mtp_process else []
     parts = {
         "layers": sum(layers(start, end) for start, end, recompute in groups if not recompute)
                   + (model.attention_mask() if kept_layers else 0),
@@ -475,12 +528,22 @@ def chunk_activations(chunk, delta, model: ActivationModel, slots: int) -> tuple
         "embedding": model.embedding() if block.pre_process else 0,
         "output + loss": model.output_and_loss() if block.post_process else 0,
     }
+    if model.config.mtp_num_layers:  # a column of its own, on every stage; 0 where there is no MTP block
+        parts["mtp"] = sum(kept for kept, _ in mtp)
+    if mtp and model.recompute_mtp():
+        # The MTP layers' checkpoints also keep the rotary table (on a later stage the one sized for
+        # the packed message, of which GPTModel hands on a view) and the data's mask, unless kept
+        # decoder layers keep it already.
+        mask_kept = kept_layers and model.attention_mask()
+        parts["mtp"] += ((s.seq * (1 if block.pre_process else slots) * s.head_dim * FP32 if model.rope else 0)
+                         + (s.batch * s.seq * s.seq if model.create_attention_mask and not mask_kept else 0))
     # Backward of a recomputed group runs its forward again: its layers' tensors, one group at a time.
     recomputed_groups = [(start, end) for start, end, recompute in groups if recompute]
     recompute_peak = max(
         [layers(start, end) + (end - start) * 2 * model.stream_bytes + model.attention_mask()
          + sum(model.routing_call(k, gated) for k in group_calls)
-         for (start, end), group_calls in zip(recomputed_groups, recomputed)],
+         for (start, end), group_calls in zip(recomputed_groups, recomputed)]
+        + [again for _, again in mtp],  # an MTP layer under recompute_mtp()
         default=0,
     )
     # delta_block routes the sublayers of a block (as far as it lies in one layer group) in one
@@ -566,7 +629,9 @@ def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_memory_gb: flo
             total_params += stage_total
             total_expert_params += stage_experts
             routing_params += routing
-            moe_layers = sum(is_moe_layer(layer) for c in chunks for layer in c.decoder.layers)
+            moe_layers = (sum(is_moe_layer(layer) for c in chunks for layer in c.decoder.layers)
+                          + sum(is_moe_layer(_transformer_layer(layer)) for c in chunks if c.mtp_process
+                                for layer in c.mtp.layers))
             per_chunk = [chunk_activations(c, delta, model, slots) for c in chunks]
             chunk_bytes = [sum(parts.values()) for parts, _ in per_chunk]
             peak, in_flight = _in_flight(chunk_bytes, micro, config)
@@ -574,6 +639,8 @@ def make_plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_memory_gb: flo
             post_process = chunks[-1].post_process
         parts = {key: sum(p[key] for p, _ in per_chunk) for key in per_chunk[0][0]}
         # The loss turns the logits into fp32: both copies of one micro-batch exist for a moment.
+        # MTP layers do the same for their own logits, one after another and before the decoder's
+        # (what each loss keeps, counted in "mtp", is held already), so the peak is still one copy.
         logits_copy = shapes.tokens * shapes.vocab * shapes.elem if post_process and shapes.elem != FP32 else 0
         transient = max([logits_copy] + [r for _, r in per_chunk])
         sends = [b["sent_bytes"] for i, b in enumerate(boundaries) if i % pp == pp_rank]
@@ -684,7 +751,8 @@ def format_plan(plan: Plan, cfg: RunConfig) -> str:
         "Activations per micro-batch by part, MiB. layers: tensors inside attention and MLP; layer inputs:",
         "the [s, b, h] inputs of the pre-norms (and of recomputed layer groups); sources: routing sources",
         "created on this rank and kept for backward; routing: per-token routing scalars; pipeline input:",
-        "the received message, which holds the sources of earlier stages:",
+        "the received message, which holds the sources of earlier stages" + (";" if "mtp" in part_names else ":"),
+        *(["mtp: the multi-token-prediction layers and their losses (last stage):"] if "mtp" in part_names else []),
         parts,
         "",
         f"fits: total <= {usable:g} GiB ({plan.gpu_memory_bytes / GiB:g} GiB minus {plan.reserve_bytes / GiB:g} GiB "

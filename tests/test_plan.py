@@ -5,7 +5,8 @@
    exactly 589,824 routing parameters, the MoE recipes (30.5B, 240B) the formula's total, expert
    and routing counts, and every recipe layout fits an 80 GiB GPU.
 2. A small model on a real 4-rank torchrun (gloo) under several layouts (TP2 + SP, TP2 with full
-   recompute, PP2 for four variants, PP2 x VPP2, each x DP2), built by `megatron-delta train`'s own
+   recompute, PP2 for four variants, PP2 x VPP2, each x DP2; with a multi-token-prediction layer on
+   PP2, TP2 + SP and PP2 with full recompute), built by `megatron-delta train`'s own
    build_model and run for one step through Megatron's pipeline schedule. Per rank the plan must give
      - parameters: exactly the numel sum of the rank's real model;
      - sent bytes: exactly the size of the tensor each non-last chunk's forward returns;
@@ -14,8 +15,9 @@
        loss is a plain sum, which saves nothing). Margin: none, the figures agree to the byte for
        the local backend on CPU. (The transformer_engine terms cannot be measured without a GPU.)
 3. The small model with MoE layers on DP2 x EP2 (dense DP 4, expert DP 2, distributed optimizer)
-   with the alltoall and the allgather dispatcher, and on TP2 + SP x EP2 (alltoall with expert TP 1,
-   allgather with expert TP 2): parameters and expert parameters per rank, the
+   with the alltoall and the allgather dispatcher (alltoall also with an MoE MTP layer), and on
+   TP2 + SP x EP2 (alltoall with expert TP 1, allgather with expert TP 2): parameters and expert
+   parameters per rank, the
    Adam state of the real optimizer after one step (dense and expert), and the bytes the token
    dispatcher hands to all-gather / reduce-scatter / all-to-all in forward and backward (counted
    by wrapping the collectives), all to the byte (the all-to-all, whose per-rank size follows the
@@ -73,6 +75,12 @@ CASES = {
     "pp2_vpp2_delta_block_full_recompute": [PP2, VPP2, "training.global_batch_size=8",
                                             "training.recompute_granularity=full",
                                             "training.recompute_method=uniform", "training.recompute_num_layers=1"],
+    # Megatron's MTP block on the last stage (its loss computed inside the model's forward); under
+    # TP + SP its eh_proj gathers and scatters; under full recompute it checkpoints itself.
+    "pp2_mtp": [PP2, "model.mtp_num_layers=1"],
+    "tp2_sp_mtp": [TP2, "parallel.sequence_parallel=true", "model.mtp_num_layers=1"],
+    "pp2_mtp_full_recompute": [PP2, "model.mtp_num_layers=1", "training.recompute_granularity=full",
+                               "training.recompute_method=uniform", "training.recompute_num_layers=1"],
 }
 
 
@@ -94,6 +102,8 @@ MOE_CASES = {
                             "parallel.moe_token_dispatcher_type=alltoall"],
     "tp2_sp_ep2_etp2_allgather": [TP2, "parallel.sequence_parallel=true",
                                   "parallel.moe_token_dispatcher_type=allgather"],
+    # An MTP layer, MoE like the decoder's last layer: its experts and dispatcher traffic count too.
+    "dp2_ep2_alltoall_mtp": ["parallel.moe_token_dispatcher_type=alltoall", "model.mtp_num_layers=1"],
 }
 WORLD = 4
 
@@ -145,7 +155,7 @@ def plan_and_measure(out_dir):
     token dispatcher handed to collectives."""
     import torch
 
-    from megatron_delta import mesh
+    from megatron_delta import compat, mesh
 
     if os.environ["RANK"] == "0":
         plan_figures(out_dir)  # before the world starts: the planner makes its own
@@ -162,6 +172,7 @@ def plan_and_measure(out_dir):
         config = build_transformer_config(cfg, on_gpu=False)
         chunks = build_model(cfg, config, cfg.model.vocab_size, on_gpu=False)
         results[name] = _measure(cfg, config, chunks)
+        compat.clear_moe_aux_losses()  # Megatron sizes its aux-loss records for the first model that records
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, results)
     if torch.distributed.get_rank() == 0:
@@ -195,7 +206,7 @@ def _measure(cfg, config, chunks):
         for _ in range(num_microbatches):
             yield dict(
                 tokens=torch.randint(0, m.vocab_size, (b, s), generator=g),
-                position_ids=torch.arange(s).expand(b, s),
+                position_ids=torch.arange(s).expand(b, s), loss_mask=torch.ones(b, s),  # fp32, as GPTDataset's
                 attention_mask=(torch.ones(b, 1, s, s, dtype=torch.bool).tril().logical_not()
                                 if cfg.data.create_attention_mask else None))
 
@@ -206,7 +217,9 @@ def _measure(cfg, config, chunks):
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         in_forward[0] = True
-        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["tokens"])
+        # As the trainer's forward_step: labels and the loss mask (the MTP block masks its losses with it).
+        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["tokens"],
+                       loss_mask=batch["loss_mask"])
         in_forward[0] = False
         if not get_attr_wrapped_model(model, "post_process"):
             sent.append(output.numel() * output.element_size())
@@ -396,7 +409,8 @@ def test_moe_plan_matches_a_real_four_rank_run(figures, case):
     assert plan["ep"] == 2 and plan["dp"] == WORLD // plan["tp"]
     assert plan["expert_dp"] == WORLD // (plan["ep"] * plan["etp"])
     stage = plan["stages"][0]
-    assert stage["moe_layers"] == 3 and 0 < stage["expert_params"] < stage["params"]
+    mtp_layers = 1 if "model.mtp_num_layers=1" in MOE_CASES[case] else 0
+    assert stage["moe_layers"] == 3 + mtp_layers and 0 < stage["expert_params"] < stage["params"]
     # Depth routing only: 4 x hidden per layer, not the MoE layers' expert routers.
     assert plan["routing_params"] == 4 * SMALL["model"]["hidden_size"] * SMALL["model"]["num_layers"]
     for real in measured:
@@ -436,6 +450,17 @@ def test_pipeline_boundaries_carry_the_routing_state(figures):
     slot = SMALL["model"]["seq_length"] * SMALL["training"]["micro_batch_size"] * SMALL["model"]["hidden_size"] * 4
     assert figures["cases"]["pp2_delta_identity"]["stages"][0]["send_bytes_per_microbatch"] == 6 * slot
     assert figures["cases"]["pp2_standard"]["stages"][0]["send_bytes_per_microbatch"] == slot
+
+
+def test_mtp_adds_its_part_to_the_last_stage_only(figures):
+    """The MTP block changes nothing on the first stage; on the last it adds its "mtp" part
+    (which the real run measures, test_plan_matches_a_real_four_rank_run) and nothing else."""
+    with_mtp, without = figures["cases"]["pp2_mtp"]["stages"], figures["cases"]["pp2_delta_block"]["stages"]
+    assert with_mtp[0]["activation_parts"] == {**without[0]["activation_parts"], "mtp": 0}
+    mtp = with_mtp[1]["activation_parts"]["mtp"]
+    assert mtp > 0
+    assert with_mtp[1]["activation_bytes_per_microbatch"] == without[1]["activation_bytes_per_microbatch"] + mtp
+    assert "mtp" not in without[1]["activation_parts"]
 
 
 def test_interleaved_schedule_holds_more_microbatches_than_1f1b(figures):
