@@ -150,9 +150,11 @@ ADAM_LR = 1e-2
 # Adam's update is ~lr * sign(g) where |g| << eps: with eps=1e-8 that turns 1e-7 rounding
 # differences of near-zero gradients into lr-sized parameter differences between meshes.
 ADAM_EPS = 1e-3
-# MoE problems: the load-balancing loss weight (its term is part of the compared loss), and the
-# experts' hidden size (small: a parity run).
+# MoE problems: the load-balancing loss weight (its term is part of the compared loss) and the
+# router z-loss weight (its gradient is compared; its value is not part of the compared loss, as
+# Megatron records it per rank, unreduced over TP and DP, so it depends on the mesh).
 MOE_AUX_LOSS_COEFF = 1e-2
+MOE_Z_LOSS_COEFF = 1e-3
 
 
 def run_config(problem: Problem, mesh: Mesh) -> RunConfig:
@@ -168,7 +170,7 @@ def run_config(problem: Problem, mesh: Mesh) -> RunConfig:
     }[mesh.recompute]
     moe = {} if problem.num_experts is None else dict(
         num_moe_experts=problem.num_experts, moe_router_topk=problem.moe_topk,
-        moe_aux_loss_coeff=MOE_AUX_LOSS_COEFF, moe_ffn_hidden_size=problem.hidden,
+        moe_aux_loss_coeff=MOE_AUX_LOSS_COEFF, moe_z_loss_coeff=MOE_Z_LOSS_COEFF, moe_ffn_hidden_size=problem.hidden,
     )
     return RunConfig(
         model=ModelConfig(
