@@ -561,12 +561,14 @@ MOE_RECIPE_OVERRIDES = ["model.num_moe_experts=4", "model.moe_router_topk=2", "m
                         "model.moe_layer_freq=[0, 1, 1, 1]", "model.moe_aux_loss_coeff=0.001"]
 
 
-@pytest.mark.parametrize("name", ["qwen3", "qwen3_moe"])
-def test_finetuning_a_converted_model_starts_at_the_hf_loss(hf_models, tmp_path, name):
+@pytest.mark.parametrize("name, nproc", [("qwen3", 1), ("qwen3_moe", 1), ("qwen3_moe", 2)],
+                         ids=["qwen3", "qwen3_moe", "qwen3_moe_ep2"])
+def test_finetuning_a_converted_model_starts_at_the_hf_loss(hf_models, tmp_path, name, nproc):
     """`megatron-delta train` on examples/configs/finetune_tiny_cpu.yaml with the converted tiny
-    Qwen3 (Qwen3-MoE: with the MoE model fields set): the loss of step 1 (computed before the first
-    update) equals the HF model's loss on the same global batch; the loss goes down; the routing
-    parameters train; the result exports back to HF layout."""
+    Qwen3 (Qwen3-MoE: with the MoE model fields set; on two ranks with the experts split over
+    them, EP2: each loads its half of the one-process checkpoint's experts): the loss of step 1
+    (computed before the first update) equals the HF model's loss on the same global batch; the
+    loss goes down; the routing parameters train; the result exports back to HF layout."""
     from megatron_delta.data import build_datasets, build_tokenizer
 
     checkpoint = str(tmp_path / "converted")
@@ -574,15 +576,19 @@ def test_finetuning_a_converted_model_starts_at_the_hf_loss(hf_models, tmp_path,
                          "delta_block", "--num-blocks", "2"]) == 0
     recipe = os.path.join(REPO, "examples/configs/finetune_tiny_cpu.yaml")
     overrides = [f"checkpoint.load={checkpoint}", f"logging.dir={tmp_path / 'run'}",
-                 f"data.cache_dir={tmp_path / 'data'}", *(MOE_RECIPE_OVERRIDES if name == "qwen3_moe" else [])]
+                 f"data.cache_dir={tmp_path / 'data'}", *(MOE_RECIPE_OVERRIDES if name == "qwen3_moe" else []),
+                 *([f"parallel.expert_model_parallel_size={nproc}"] if nproc > 1 else [])]
     cfg = load_run_config(recipe, overrides)
     # The recipe's model section is the converted model's.
     assert dataclasses.asdict(cfg.model) | {"seq_length": 0} == json.load(
         open(os.path.join(checkpoint, convert.CONVERSION_FILE)))["model"] | {"seq_length": 0}
 
-    run = launcher.run(launcher.cli_command("train", "--config", recipe,
-                                            *[arg for item in overrides for arg in ("--set", item)]), timeout=400)
+    train = ["train", "--config", recipe, *[arg for item in overrides for arg in ("--set", item)]]
+    command = launcher.cli_command(*train) if nproc == 1 else launcher.torchrun_command(nproc, "-m", "megatron_delta.cli",
+                                                                                          *train)
+    run = launcher.run(command, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert ("dp 2 ep 2 on 2 CPU process(es)" if nproc == 2 else "dp 1 on 1 CPU process(es)") in run.stdout
     metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     losses = [m["loss"] for m in metrics if "loss" in m]
     first_loss = next(m["loss"] for m in metrics if m["step"] == 1 and "loss" in m)
