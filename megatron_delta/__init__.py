@@ -13,6 +13,7 @@ _EXPORTS = {
     "get_gpt_delta_layer_spec": "megatron_delta.model",
     "get_gpt_delta_decoder_block_spec": "megatron_delta.model",
     "get_gpt_delta_mtp_block_spec": "megatron_delta.model",
+    "get_gpt_delta_model_specs": "megatron_delta.model",
     "collect_routing_stats": "megatron_delta.routing",
     "boundary_bytes": "megatron_delta.transport",
     "link_virtual_stages": "megatron_delta.block",

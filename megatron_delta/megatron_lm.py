@@ -6,7 +6,8 @@ provides each one; both integration routes use them:
     flags        add_delta_args: --delta-variant, --delta-num-blocks, --delta-init,
                  --delta-norm-epsilon, --delta-router-lr-mult (an extra_args_provider)
     model        delta_gpt_builder: gpt_builders.gpt_builder's counterpart, building DeltaGPTModel
-                 with the layer spec Megatron-LM would have chosen (TE or local, same options)
+                 with the layer spec Megatron-LM would have chosen (TE or local, same options; MoE
+                 decoder blocks with --num-experts, the MTP block with --mtp-num-layers)
     transport    get_forward_backward_func: Megatron-Core's, but the schedule is handed
                  seq_length = pipeline_seq_length(...), because stages exchange K tensors packed
                  along the sequence dim
@@ -36,7 +37,7 @@ from megatron.core.utils import get_model_config
 
 from megatron_delta.block import link_virtual_stages
 from megatron_delta.config import INITS, VARIANTS, DeltaConfigError, DeltaResidualConfig
-from megatron_delta.model import DeltaGPTModel, get_gpt_delta_layer_spec
+from megatron_delta.model import DeltaGPTModel, get_gpt_delta_model_specs
 from megatron_delta.parameters import router_lr_overrides  # patches/ import it from this module
 from megatron_delta.transport import pipeline_seq_length
 
@@ -46,16 +47,12 @@ _UNSUPPORTED_MEGATRON_LM_ARGS = (
     ("use_legacy_models", "--use-legacy-models", "delta residuals need Megatron-Core models"),
     ("spec", "--spec", "a custom layer spec replaces the one delta routing wraps; use "
                        "--transformer-impl to choose TE or local"),
-    ("num_experts", "--num-experts", "delta_gpt_builder does not build MoE layer specs; megatron-delta train "
-                                     "does (model.num_moe_experts)"),
     ("multi_latent_attention", "--multi-latent-attention",
      "multi-latent attention does not compose with delta routing"),
     ("experimental_attention_variant", "--experimental-attention-variant",
      "experimental attention variants do not compose with delta routing"),
     ("heterogeneous_layers_config_path", "--heterogeneous-layers-config-path",
      "heterogeneous layer specs do not compose with delta routing"),
-    ("mtp_num_layers", "--mtp-num-layers", "delta_gpt_builder does not build the MTP block; megatron-delta train "
-                                       "does (model.mtp_num_layers)"),
 )
 
 
@@ -106,16 +103,17 @@ def check_megatron_lm_args(args) -> None:
         )
 
 
-def delta_layer_spec(args, config, delta: DeltaResidualConfig):
-    """The dense layer spec gpt_builders._get_transformer_layer_spec picks, with the same options,
-    routed as `delta` says."""
+def delta_model_specs(args, config, delta: DeltaResidualConfig, vp_stage=None):
+    """(transformer_layer_spec, mtp_block_spec) as gpt_builders.gpt_builder picks them, with the same
+    options, routed as `delta` says: the dense layer spec, or with --num-experts the decoder block
+    spec (dense and MoE layers per --moe-layer-freq); with --mtp-num-layers the MTP block."""
     kitchen = dict(use_kitchen=config.use_kitchen, use_kitchen_attention=config.use_kitchen_attention,
                    kitchen_attention_backend=config.kitchen_attention_backend)
     if args.transformer_impl == "transformer_engine":
-        return get_gpt_delta_layer_spec(delta, backend="transformer_engine", qk_layernorm=args.qk_layernorm,
-                                        qk_l2_norm=args.qk_l2_norm, **kitchen)
-    return get_gpt_delta_layer_spec(delta, backend="local", qk_layernorm=args.qk_layernorm,
-                                    normalization=args.normalization, **kitchen)
+        return get_gpt_delta_model_specs(delta, config, "transformer_engine", vp_stage, qk_layernorm=args.qk_layernorm,
+                                         qk_l2_norm=args.qk_l2_norm, **kitchen)
+    return get_gpt_delta_model_specs(delta, config, "local", vp_stage, qk_layernorm=args.qk_layernorm,
+                                     normalization=args.normalization, **kitchen)
 
 
 def delta_gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
@@ -132,10 +130,12 @@ def delta_gpt_builder(args, pre_process, post_process, vp_stage=None, config=Non
     if config is None:
         config = core_transformer_config_from_args(args)
     delta.validate_for(config)
+    layer_spec, mtp_block_spec = delta_model_specs(args, config, delta, vp_stage)
     return DeltaGPTModel(
         config=config,
         delta=delta,
-        transformer_layer_spec=delta_layer_spec(args, config, delta),
+        transformer_layer_spec=layer_spec,
+        mtp_block_spec=mtp_block_spec,
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,

@@ -134,6 +134,29 @@ def get_gpt_delta_mtp_block_spec(config, layer_spec, backend: str = "local", vp_
     return dataclasses.replace(block, layer_specs=layer_specs)
 
 
+def get_gpt_delta_model_specs(delta: DeltaResidualConfig, config, backend: str = "local", vp_stage=None,
+                              pp_rank=None, **spec_kwargs):
+    """(transformer_layer_spec, mtp_block_spec) of a DeltaGPTModel for `config`, as Megatron picks
+    them for a GPTModel: one routed layer spec for a dense model; for an MoE model
+    (config.num_moe_experts) the decoder block spec of this stage, dense and MoE layers as
+    moe_layer_freq says; with config.mtp_num_layers the MTP block around an unrouted copy of the
+    layers (None without MTP, and on stages without the block). spec_kwargs: Megatron's spec
+    options (qk_layernorm, normalization, qk_l2_norm, ...; an MoE block takes the first two from
+    `config`)."""
+    def layer_spec(routing: DeltaResidualConfig):
+        if config.num_moe_experts:
+            return get_gpt_delta_decoder_block_spec(routing, config, backend=backend, vp_stage=vp_stage, pp_rank=pp_rank,
+                                                    normalization=spec_kwargs.get("normalization"),
+                                                    qk_l2_norm=spec_kwargs.get("qk_l2_norm", False))
+        return get_gpt_delta_layer_spec(routing, backend=backend, **spec_kwargs)
+
+    mtp_block_spec = None
+    if config.mtp_num_layers:
+        mtp_block_spec = get_gpt_delta_mtp_block_spec(config, layer_spec(DeltaResidualConfig("standard")),
+                                                      backend=backend, vp_stage=vp_stage, pp_rank=pp_rank)
+    return layer_spec(delta), mtp_block_spec
+
+
 def routed_layer_spec(spec: ModuleSpec, delta: DeltaResidualConfig) -> ModuleSpec:
     """Megatron's layer spec `spec`, routed as `delta` says: the layer class swapped for
     DeltaTransformerLayer and the two sublayers' depth routers added to its submodules (the spec

@@ -554,12 +554,7 @@ def build_model_chunk(cfg: RunConfig, config, vocab_size: int, vp_stage=None, ba
     default to what parallel_state says for this rank."""
     from megatron.core import parallel_state
 
-    from megatron_delta.model import (
-        DeltaGPTModel,
-        get_gpt_delta_decoder_block_spec,
-        get_gpt_delta_layer_spec,
-        get_gpt_delta_mtp_block_spec,
-    )
+    from megatron_delta.model import DeltaGPTModel, get_gpt_delta_model_specs
 
     m = cfg.model
     backend = backend or m.transformer_impl
@@ -575,19 +570,9 @@ def build_model_chunk(cfg: RunConfig, config, vocab_size: int, vp_stage=None, ba
         from megatron.core.utils import get_pg_rank
 
         pp_rank = get_pg_rank(pg_collection.pp)
-
-    def layer_spec(delta: DeltaResidualConfig):
-        if m.num_moe_experts:  # dense and MoE layers as moe_layer_freq says: one spec per layer of this stage
-            return get_gpt_delta_decoder_block_spec(delta, config, backend=backend, vp_stage=vp_stage,
-                                                    pp_rank=pp_rank, normalization=spec_kwargs.get("normalization"))
-        return get_gpt_delta_layer_spec(delta, backend=backend, **spec_kwargs)
-
-    mtp_block_spec = None
-    if m.mtp_num_layers:  # Megatron's MTP block (last stage only) around the decoder's last layer, unrouted
-        mtp_block_spec = get_gpt_delta_mtp_block_spec(config, layer_spec(DeltaResidualConfig("standard")),
-                                                      backend=backend, vp_stage=vp_stage, pp_rank=pp_rank)
+    layer_spec, mtp_block_spec = get_gpt_delta_model_specs(cfg.delta, config, backend, vp_stage, pp_rank, **spec_kwargs)
     return DeltaGPTModel(
-        config=config, delta=cfg.delta, transformer_layer_spec=layer_spec(cfg.delta), mtp_block_spec=mtp_block_spec,
+        config=config, delta=cfg.delta, transformer_layer_spec=layer_spec, mtp_block_spec=mtp_block_spec,
         vocab_size=vocab_size, max_sequence_length=m.max_position_embeddings or m.seq_length,
         pre_process=pre_process, post_process=post_process, parallel_output=True,
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,

@@ -118,11 +118,9 @@ def test_megatron_lm_defaults_pass_the_checks():
 @pytest.mark.parametrize("attribute, value, flag", [
     ("use_legacy_models", True, "--use-legacy-models"),
     ("spec", ["my.module", "my_spec"], "--spec"),
-    ("num_experts", 8, "--num-experts"),
     ("multi_latent_attention", True, "--multi-latent-attention"),
     ("experimental_attention_variant", "gated_delta_net", "--experimental-attention-variant"),
     ("heterogeneous_layers_config_path", "layers.json", "--heterogeneous-layers-config-path"),
-    ("mtp_num_layers", 1, "--mtp-num-layers"),
     ("transformer_impl", "inference_optimized", "--transformer-impl=inference_optimized"),
 ])
 def test_options_the_delta_builder_cannot_honour_are_refused(attribute, value, flag):
@@ -134,18 +132,43 @@ def test_local_spec_gets_megatron_lm_options():
     """--transformer-impl local: the local spec, with --qk-layernorm and the normalization applied."""
     delta = DeltaResidualConfig("delta_block", 2)
     args = megatron_lm_args(transformer_impl="local", qk_layernorm=True, normalization="RMSNorm")
-    spec = megatron_lm.delta_layer_spec(args, transformer_config(), delta)
-    assert spec.module is DeltaTransformerLayer and spec.params["delta"] == delta
+    spec, mtp = megatron_lm.delta_model_specs(args, transformer_config(), delta)
+    assert spec.module is DeltaTransformerLayer and spec.params["delta"] == delta and mtp is None
     attention = spec.submodules.self_attention.submodules
     assert attention.q_layernorm is not IdentityOp and attention.k_layernorm is not IdentityOp
-    plain = megatron_lm.delta_layer_spec(megatron_lm_args(transformer_impl="local"), transformer_config(), delta)
+    plain, _ = megatron_lm.delta_model_specs(megatron_lm_args(transformer_impl="local"), transformer_config(), delta)
     assert plain.submodules.self_attention.submodules.q_layernorm is IdentityOp
+
+
+def test_moe_and_mtp_flags_build_megatrons_moe_block_and_mtp_block(single_process_world):
+    """--num-experts with --moe-layer-freq: the decoder block spec, a routed spec per layer with
+    Megatron's MoE MLP where the frequency says; --mtp-num-layers: the MTP block around an
+    unrouted layer. The model has the trainer's routing parameters (4 x hidden per decoder layer)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    delta = DeltaResidualConfig("delta_block", 2)
+    config = transformer_config(num_layers=4, num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+                                moe_layer_freq=[0, 1, 1, 1], mtp_num_layers=1, moe_token_dispatcher_type="allgather")
+    block, mtp = megatron_lm.delta_model_specs(megatron_lm_args(transformer_impl="local", num_experts=4,
+                                                                mtp_num_layers=1, normalization="RMSNorm"),
+                                               config, delta)
+    assert [spec.module for spec in block.layer_specs] == [DeltaTransformerLayer] * 4
+    assert len(mtp.layer_specs) == 1
+    model = DeltaGPTModel(config=config, delta=delta, transformer_layer_spec=block, mtp_block_spec=mtp,
+                          vocab_size=128, max_sequence_length=32)
+    assert [isinstance(layer.mlp, MoELayer) for layer in model.decoder.layers] == [False, True, True, True]
+    # The MTP layer's transformer layer (its attribute name differs between releases): unrouted, MoE.
+    (mtp_layer,) = [m for m in model.mtp.layers[0].modules() if isinstance(m, TransformerLayer)]
+    assert type(mtp_layer) is not DeltaTransformerLayer and isinstance(mtp_layer.mlp, MoELayer)
+    routing = sum(p.numel() for name, p in model.named_parameters() if "_router." in name)
+    assert routing == 4 * 4 * 64
 
 
 @pytest.mark.skipif(HAVE_TE, reason="checks the error raised without Transformer Engine")
 def test_transformer_engine_impl_asks_for_the_te_spec():
     with pytest.raises(DeltaConfigError, match="needs NVIDIA Transformer Engine"):
-        megatron_lm.delta_layer_spec(megatron_lm_args(), transformer_config(), DeltaResidualConfig("delta"))
+        megatron_lm.delta_model_specs(megatron_lm_args(), transformer_config(), DeltaResidualConfig("delta"))
 
 
 # ------------------------------------------------------------------ forward-backward seq_length
@@ -344,6 +367,19 @@ def test_launcher_trains_two_pipeline_stages(tmp_path):
                                 "--delta-variant", "delta_block", "--delta-num-blocks", "4"],
                                2, MEGATRON_LM_PATH, tmp_path)
     assert_trains(returncode, log)
+
+
+@needs_megatron_lm
+def test_launcher_trains_an_moe_model_with_mtp_on_two_pipeline_stages(tmp_path):
+    """Megatron-LM's own MoE and MTP flags: experts on layers 2-4 (allgather dispatcher, aux loss),
+    one MTP layer on the last stage; two stages exchange the packed routing state."""
+    moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "64",
+           "--moe-layer-freq", "[0,1,1,1]", "--moe-token-dispatcher-type", "allgather",
+           "--moe-aux-loss-coeff", "1e-2", "--mtp-num-layers", "1", "--pipeline-model-parallel-size", "2"]
+    returncode, log = torchrun([LAUNCHER, *TINY_GPT, *moe, "--delta-variant", "delta_block", "--delta-num-blocks", "2"],
+                               2, MEGATRON_LM_PATH, tmp_path)
+    assert_trains(returncode, log)
+    assert re.search(r"load_balancing_loss: [0-9.Ee+-]+", log) and re.search(r"mtp_1 loss: [0-9.Ee+-]+", log), log[-3000:]
 
 
 @needs_megatron_lm
